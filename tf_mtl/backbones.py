@@ -1,0 +1,177 @@
+"""Backbones built from blocks with conditioning sites.
+
+A *site* is the point of a block right after normalisation and before the
+activation of one convolution or dense layer: the place where a method puts
+its task-conditioned layer (an MPPS mask, a roaming partition). The Maximum
+Roaming reference code masks there, and for a Bernoulli mask it is the same as
+masking the neuron's output. A backbone is a list of layers; `sites(backbone)`
+lists its sites in forward order and `Block.condition` fills one.
+"""
+
+import keras
+
+from tf_mtl.layers.base import apply_conditioned
+
+
+class Block(keras.layers.Layer):
+    """A backbone layer holding conditioning sites.
+
+    Subclasses create their sublayers in `__init__`, declare the channels of
+    each site in `site_channels`, and route every site through `self._site`.
+    """
+
+    site_channels = ()
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conditioned = {}
+
+    def condition(self, site, layer):
+        """Puts the task-conditioned `layer` at site number `site`."""
+        if not 0 <= site < len(self.site_channels):
+            raise ValueError(
+                f"Block {self.name!r} has {len(self.site_channels)} sites. "
+                f"Received: site={site}"
+            )
+        if not layer.built:
+            # Conditioned layers hold per-channel state: build it now, so the
+            # optimizer sees it even though inference never calls the layer.
+            layer.build((None, self.site_channels[site]))
+        self.conditioned[str(site)] = layer
+
+    def routes_tasks(self, training):
+        return any(l.routes_tasks(training) for l in self.conditioned.values())
+
+    def conditioned_layers(self):
+        return list(self.conditioned.values())
+
+    def _site(self, site, x, task_ids, training):
+        layer = self.conditioned.get(str(site))
+        return x if layer is None else apply_conditioned(layer, x, task_ids, training)
+
+
+class ConvUnit(Block):
+    """Conv2D -> BatchNorm -> [site] -> activation -> optional max-pool."""
+
+    def __init__(self, filters, kernel_size=3, strides=1, padding="same",
+                 pool_size=None, activation="relu", **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.conv = keras.layers.Conv2D(
+            filters, kernel_size, strides=strides, padding=padding, use_bias=False
+        )
+        self.norm = keras.layers.BatchNormalization()
+        self.activation = keras.layers.Activation(activation)
+        self.pool = keras.layers.MaxPooling2D(pool_size) if pool_size else None
+
+    @property
+    def site_channels(self):
+        return (self.filters,)
+
+    def call(self, x, task_ids=None, training=None):
+        x = self.norm(self.conv(x), training=training)
+        x = self.activation(self._site(0, x, task_ids, training))
+        return self.pool(x) if self.pool is not None else x
+
+
+class DenseUnit(Block):
+    """Dense -> [site] -> activation."""
+
+    def __init__(self, units, activation="relu", **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.dense = keras.layers.Dense(units)
+        self.activation = keras.layers.Activation(activation)
+
+    @property
+    def site_channels(self):
+        return (self.units,)
+
+    def call(self, x, task_ids=None, training=None):
+        return self.activation(self._site(0, self.dense(x), task_ids, training))
+
+
+class ResidualUnit(Block):
+    """A basic ResNet block (He et al. 2016) with a site after each of its
+    two convolutions' normalisation; the projection shortcut has no site.
+    """
+
+    def __init__(self, filters, strides=1, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.strides = strides
+        conv = lambda s: keras.layers.Conv2D(
+            filters, 3, strides=s, padding="same", use_bias=False
+        )
+        self.conv1, self.norm1 = conv(strides), keras.layers.BatchNormalization()
+        self.conv2, self.norm2 = conv(1), keras.layers.BatchNormalization()
+        self.shortcut = None
+
+    @property
+    def site_channels(self):
+        return (self.filters, self.filters)
+
+    def build(self, input_shape):
+        if self.strides != 1 or input_shape[-1] != self.filters:
+            self.shortcut = keras.Sequential([
+                keras.layers.Conv2D(self.filters, 1, strides=self.strides,
+                                    use_bias=False),
+                keras.layers.BatchNormalization(),
+            ])
+
+    def call(self, x, task_ids=None, training=None):
+        skip = x if self.shortcut is None else self.shortcut(x, training=training)
+        h = self.norm1(self.conv1(x), training=training)
+        h = keras.ops.relu(self._site(0, h, task_ids, training))
+        h = self.norm2(self.conv2(h), training=training)
+        return keras.ops.relu(self._site(1, h, task_ids, training) + skip)
+
+
+def sites(backbone):
+    """Every `(block, site, channels)` of a backbone, in forward order."""
+    return [
+        (block, site, channels)
+        for block in backbone if isinstance(block, Block)
+        for site, channels in enumerate(block.site_channels)
+    ]
+
+
+def _scaled(channels, width):
+    if not width > 0:
+        raise ValueError(f"`width` must be > 0. Received: width={width}")
+    return max(1, round(channels * width))
+
+
+def lenet(width=1.0):
+    """LeNet-style CNN for 28x28 inputs (the MultiMNIST network of Sener &
+    Koltun 2018 with batch normalisation): two 5x5 convolutions with 2x2
+    max-pooling, then a dense layer. 3 sites; `width` scales every layer.
+    """
+    return [
+        ConvUnit(_scaled(20, width), 5, padding="valid", pool_size=2),
+        ConvUnit(_scaled(50, width), 5, padding="valid", pool_size=2),
+        keras.layers.Flatten(),
+        DenseUnit(_scaled(256, width)),
+    ]
+
+
+def resnet(width=1.0, blocks_per_stage=1):
+    """A small ResNet: a 3x3 stem convolution, three stages of residual
+    blocks (16, 32, 64 channels times `width`, the last two at stride 2) and
+    global average pooling. With one block per stage it has 7 sites, the last
+    6 being the block convolutions.
+    """
+    if int(blocks_per_stage) < 1:
+        raise ValueError(
+            f"`blocks_per_stage` must be >= 1. Received: {blocks_per_stage}"
+        )
+    layers = [ConvUnit(_scaled(16, width), 3)]
+    for stage, channels in enumerate((16, 32, 64)):
+        for block in range(blocks_per_stage):
+            strides = 2 if stage > 0 and block == 0 else 1
+            layers.append(ResidualUnit(_scaled(channels, width), strides))
+    layers.append(keras.layers.GlobalAveragePooling2D())
+    return layers
+
+
+BACKBONES = {"lenet": lenet, "resnet": resnet}

@@ -1,0 +1,149 @@
+"""Callbacks that change sharing state between epochs."""
+
+import re
+
+import keras
+import numpy as np
+
+from tf_mtl.layers.progressive_mask import (
+    ProgressiveMask,
+    exclusive_capacity,
+    exclusive_init,
+    rescale_capacity,
+)
+
+SCHEDULES = ("separ", "fullshare", "linear", "quad", "stepN")
+
+
+def sharing_progress(schedule, epoch, epochs, frozen_start=0, frozen_end=0):
+    """How far the EC schedule of MPPS Figure 3 is at `epoch`, in [0, 1]:
+    0 is the exclusive start, 1 full sharing.
+
+    - `separ` stays at 0 and `fullshare` at 1 (fixed targets);
+    - the others hold 0 for `frozen_start` epochs and 1 for the last
+      `frozen_end` (4.3.2), and in between split the `S` scheduled epochs
+      into N equal courses, moving to `k / (N + 1)` in course k (1-based):
+      `stepN` (e.g. `step5`) has N courses, `linear` one course per epoch
+      (N = S), and `quad` follows `u^2` with `u = k / (S + 1)` per epoch.
+
+    The paper does not say which way Quad bends; `u^2` keeps the target
+    exclusive longest, in the spirit of the curriculum.
+    """
+    name, courses = _parse(schedule)
+    if name == "separ":
+        return 0.0
+    if name == "fullshare":
+        return 1.0
+    scheduled = epochs - frozen_start - frozen_end
+    if epoch < frozen_start:
+        return 0.0
+    if epoch >= epochs - frozen_end:
+        return 1.0
+    step = epoch - frozen_start
+    if name == "step":
+        course = step * courses // scheduled
+        return (course + 1) / (courses + 1)
+    u = (step + 1) / (scheduled + 1)
+    return u * u if name == "quad" else u
+
+
+def _parse(schedule):
+    match = re.fullmatch(r"step([1-9][0-9]*)", schedule)
+    if match:
+        return "step", int(match.group(1))
+    if schedule in SCHEDULES[:-1]:
+        return schedule, None
+    raise ValueError(
+        f"Unknown EC schedule {schedule!r}: expected one of separ, fullshare, "
+        "linear, quad or stepN (step5, step10, ...)."
+    )
+
+
+def capacity_bounds(eps):
+    """The EC of the exclusive initialisation and of full sharing."""
+    return 1.0 - eps, eps
+
+
+class ExclusiveCapacityScheduler(keras.callbacks.Callback):
+    """The EC scheduler and target update of MPPS (section 3.5, Algorithm 1).
+
+    At the end of epoch i it takes the next target EC
+    `C = C_max - s(i + 1) * (C_max - C_min)` from the schedule `s`
+    (`sharing_progress`), C_max = 1 - eps (exclusive) and C_min = eps (full
+    sharing), and sets every mask's target to
+
+    - with `update_target=True` (Algorithm 1): `Pi = 1 - (C / EC(Phi)) (1 - Phi)`,
+      the learned Phi with its remaining capacity rescaled;
+    - with `update_target=False` ("without updating", 4.3.4): the same
+      rescaling of the exclusive initialisation, so Pi moves with the
+      schedule alone.
+
+    The EC used is the normalised one of 3.3 (see `rescale_capacity`).
+    Logs gain `ec` (EC of Phi over all masked channels), `ec_target` (that of
+    the target in force during the epoch) and `ec_{layer}` per mask layer.
+    `history` keeps them per epoch with a copy of every Phi, for the figures.
+
+    The position needs no state of its own: it is the epoch `fit` passes,
+    which `keras.callbacks.BackupAndRestore` restores, and the C in force is
+    saved in each mask's `target_capacity`.
+
+    Args:
+        epochs: the length of training the schedule spans.
+        schedule: one of `SCHEDULES` (`linear` is the paper's default).
+        frozen_start, frozen_end: frozen epochs at the start and the end.
+        update_target: Algorithm 1's update (default) or the linear variant.
+    """
+
+    def __init__(self, epochs, schedule="linear", frozen_start=0, frozen_end=0,
+                 update_target=True):
+        super().__init__()
+        _parse(schedule)
+        if frozen_start < 0 or frozen_end < 0 or frozen_start + frozen_end > epochs:
+            raise ValueError(
+                "Frozen epochs must be >= 0 and fit in the training: "
+                f"frozen_start={frozen_start} + frozen_end={frozen_end} > "
+                f"epochs={epochs}"
+            )
+        self.epochs = epochs
+        self.schedule = schedule
+        self.frozen_start = frozen_start
+        self.frozen_end = frozen_end
+        self.update_target = update_target
+        self.history = []
+
+    def _masks(self):
+        masks = [l for l in self.model.conditioned_layers
+                 if isinstance(l, ProgressiveMask)]
+        if not masks:
+            raise ValueError("ExclusiveCapacityScheduler: the model has no "
+                             "ProgressiveMask (build it with progressive_sharing).")
+        return masks
+
+    def target_capacity(self, epoch, eps):
+        """C_i, the target EC during `epoch`."""
+        high, low = capacity_bounds(eps)
+        progress = sharing_progress(self.schedule, epoch, self.epochs,
+                                    self.frozen_start, self.frozen_end)
+        return high - progress * (high - low)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        masks = self._masks()
+        per_layer = {m.name: exclusive_capacity(m.mask_probs).numpy() for m in masks}
+        targets = [exclusive_capacity(m.target_probs).numpy() for m in masks]
+        record = {
+            "ec": float(np.mean(np.concatenate(list(per_layer.values())))),
+            "ec_target": float(np.mean(np.concatenate(targets))),
+            **{f"ec_{name}": float(ec.mean()) for name, ec in per_layer.items()},
+        }
+        logs.update(record)
+        self.history.append({
+            "epoch": epoch, **record,
+            "mask_probs": {m.name: m.mask_probs.numpy().tolist() for m in masks},
+        })
+        for mask in masks:
+            capacity = self.target_capacity(epoch + 1, mask.eps)
+            source = (mask.mask_probs if self.update_target else
+                      exclusive_init(*mask.mask_probs.shape, mask.eps))
+            mask.target_probs.assign(rescale_capacity(source, capacity, mask.eps))
+            mask.target_capacity.assign(capacity)

@@ -1,0 +1,248 @@
+"""Multi-task datasets as `tf.data` pipelines.
+
+`load(name)` returns the training, validation and test splits of a multi-task
+dataset, batched and ready for `model.fit`, together with its tasks and their
+numbers of classes. The datasets come in two structures:
+
+* Jointly labelled (`"multifashion"`, `"synthetic"`): every example has a
+  label for every task. Elements are `(image, {task_name: label})`.
+* Not jointly labelled (`"fashion_groups"`, `"synthetic_groups"`): every
+  example belongs to one task. Elements are `(image, task_id, label)`, where
+  `task_id` is the position of the task in `MultiTaskData.task_classes`.
+
+Images are float32 of shape `(28, 28, 1)` with values in [0, 1]; labels and
+task ids are int32 (a batch dimension comes first). The arrays are built in
+memory with numpy, then sliced by `tf.data.Dataset.from_tensor_slices`.
+"""
+
+import dataclasses
+import typing
+
+import numpy as np
+import tensorflow as tf
+
+from tf_mtl.data import _utils
+from tf_mtl.data import fashion_groups
+from tf_mtl.data import fashion_mnist
+from tf_mtl.data import multifashion
+from tf_mtl.data import synthetic
+from tf_mtl.data.fashion_mnist import load_fashion_mnist
+
+__all__ = ["MultiTaskData", "load", "load_fashion_mnist", "task_counts"]
+
+# Split sizes of the synthetic datasets, and their tasks.
+SYNTHETIC_SPLIT_SIZES = {"train": 256, "validation": 64, "test": 64}
+SYNTHETIC_NUM_TASKS = 2
+SYNTHETIC_NUM_CLASSES = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiTaskData:
+    """The splits of a multi-task dataset and the description of its tasks.
+
+    Attributes:
+        train: Training split, shuffled again at every epoch, batched.
+        validation: Validation split, batched, in a fixed order.
+        test: Test split, batched, in a fixed order.
+        task_classes: Ordered dict mapping each task name to its number of
+            classes. The order defines the task ids of datasets that are not
+            jointly labelled.
+        jointly_labelled: Whether every example has a label for every task
+            (elements `(image, {task_name: label})`) or for its own task only
+            (elements `(image, task_id, label)`).
+    """
+
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    task_classes: dict[str, int]
+    jointly_labelled: bool
+
+
+def _slice(arrays, start, stop):
+    """Slices every array of a nested structure of arrays."""
+    return tf.nest.map_structure(lambda array: array[start:stop], arrays)
+
+
+def _fashion_splits(seed, data_dir, limit):
+    data = fashion_mnist.load_fashion_mnist(data_dir)
+    splits = fashion_mnist.split_fashion_mnist(data, seed)
+    return {name: _slice(arrays, 0, limit) for name, arrays in splits.items()}
+
+
+def _build_multifashion(seed, data_dir, limit):
+    splits = _fashion_splits(seed, data_dir, limit)
+    # One partner draw per split, so that partners stay within their split.
+    split_seeds = np.random.SeedSequence(seed).spawn(len(splits))
+    return {
+        name: multifashion.make_multifashion(images, labels, split_seed)
+        for (name, (images, labels)), split_seed in zip(
+            splits.items(), split_seeds
+        )
+    }
+
+
+def _build_fashion_groups(seed, data_dir, limit):
+    splits = _fashion_splits(seed, data_dir, limit)
+    return {
+        name: fashion_groups.make_fashion_groups(images, labels)
+        for name, (images, labels) in splits.items()
+    }
+
+
+def _synthetic_builder(make):
+    """Returns a builder that cuts one pool of `make` examples into splits.
+
+    The splits share the pool's class patterns, so what is learned on the
+    training split carries over to the others.
+    """
+
+    def build(seed, data_dir, limit):
+        del data_dir  # Synthetic data is made, not read.
+        pool = make(
+            sum(SYNTHETIC_SPLIT_SIZES.values()),
+            SYNTHETIC_NUM_TASKS,
+            SYNTHETIC_NUM_CLASSES,
+            seed,
+        )
+        splits = {}
+        start = 0
+        for name, size in SYNTHETIC_SPLIT_SIZES.items():
+            splits[name] = _slice(pool, start, start + min(size, limit or size))
+            start += size
+        return splits
+
+    return build
+
+
+class _Dataset(typing.NamedTuple):
+    """What `load` needs to know of a dataset.
+
+    `build(seed, data_dir, limit)` returns a dict mapping each split name to
+    the nested structure of numpy arrays of the split's examples.
+    """
+
+    build: typing.Callable
+    task_classes: dict
+    jointly_labelled: bool
+
+
+_SYNTHETIC_TASK_CLASSES = {
+    name: SYNTHETIC_NUM_CLASSES
+    for name in synthetic.task_names(SYNTHETIC_NUM_TASKS)
+}
+
+_DATASETS = {
+    "multifashion": _Dataset(
+        _build_multifashion, multifashion.TASK_NUM_CLASSES, True
+    ),
+    "fashion_groups": _Dataset(
+        _build_fashion_groups, fashion_groups.TASK_NUM_CLASSES, False
+    ),
+    "synthetic": _Dataset(
+        _synthetic_builder(synthetic.make_synthetic),
+        _SYNTHETIC_TASK_CLASSES,
+        True,
+    ),
+    "synthetic_groups": _Dataset(
+        _synthetic_builder(synthetic.make_synthetic_groups),
+        _SYNTHETIC_TASK_CLASSES,
+        False,
+    ),
+}
+
+
+def _to_dataset(arrays, batch_size, shuffle_seed=None):
+    dataset = tf.data.Dataset.from_tensor_slices(arrays)
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(
+            len(tf.nest.flatten(arrays)[0]),
+            seed=shuffle_seed,
+            reshuffle_each_iteration=True,
+        )
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def load(name, batch_size=128, seed=0, data_dir=None, limit=None):
+    """Loads a multi-task dataset as batched `tf.data` pipelines.
+
+    Args:
+        name: One of `"multifashion"` (two jointly labelled tasks, the
+            classes of two overlapping Fashion-MNIST items),
+            `"fashion_groups"` (three tasks, groups of Fashion-MNIST
+            classes, not jointly labelled), `"synthetic"` and
+            `"synthetic_groups"` (tiny learnable datasets for tests, of
+            each structure).
+        batch_size: Number of examples per batch.
+        seed: Seed of everything random: the validation split and the
+            MultiFashion partners (Fashion-MNIST datasets), the examples
+            (synthetic datasets) and the order of the training examples.
+        data_dir: Folder holding the Fashion-MNIST IDX files; see
+            `load_fashion_mnist`. Unused by the synthetic datasets.
+        limit: If set, keeps at most `limit` examples per split, for fast
+            runs. MultiFashion partners are then drawn among the kept
+            examples.
+
+    Returns:
+        A `MultiTaskData`. Splits of the Fashion-MNIST datasets: the
+        validation split is 10,000 images of the official training set, the
+        training split its other 50,000 images, the test split the official
+        test set.
+
+    Raises:
+        ValueError: If `name` is unknown, or `batch_size` or `limit` is not
+            a positive integer.
+        FileNotFoundError: If a Fashion-MNIST dataset is asked for and
+            Fashion-MNIST cannot be found; see `load_fashion_mnist`.
+    """
+    if name not in _DATASETS:
+        raise ValueError(
+            f"Expected `name` to be one of {sorted(_DATASETS)}. "
+            f"Received: name={name!r}"
+        )
+    _utils.check_int("batch_size", batch_size, 1)
+    if limit is not None:
+        _utils.check_int("limit", limit, 1)
+    spec = _DATASETS[name]
+    splits = spec.build(seed, data_dir, limit)
+    return MultiTaskData(
+        train=_to_dataset(splits["train"], batch_size, shuffle_seed=seed),
+        validation=_to_dataset(splits["validation"], batch_size),
+        test=_to_dataset(splits["test"], batch_size),
+        task_classes=dict(spec.task_classes),
+        jointly_labelled=spec.jointly_labelled,
+    )
+
+
+def task_counts(dataset, num_tasks):
+    """Counts the examples of each task in a dataset not jointly labelled.
+
+    Losses of such datasets are often weighted by the share `N_t / N` of
+    each task. This makes one pass over `dataset`, keeping only task ids.
+
+    Args:
+        dataset: A `tf.data.Dataset` of `(image, task_id, label)` elements,
+            batched or not.
+        num_tasks: Number of tasks; task ids must lie in `[0, num_tasks)`.
+
+    Returns:
+        An int64 numpy array of shape `(num_tasks,)`: the number of examples
+        of each task.
+    """
+    _utils.check_int("num_tasks", num_tasks, 1)
+    spec = dataset.element_spec
+    if not isinstance(spec, tuple) or len(spec) != 3:
+        raise ValueError(
+            "Expected `dataset` elements `(image, task_id, label)`. "
+            f"Received elements of structure {spec}."
+        )
+    task_ids = dataset.map(
+        lambda image, task_id, label: tf.reshape(task_id, [-1])
+    )
+    ids = np.concatenate([np.zeros(0, np.int64), *task_ids.as_numpy_iterator()])
+    if ids.size and not 0 <= ids.min() <= ids.max() < num_tasks:
+        raise ValueError(
+            f"Expected task ids in [0, {num_tasks}) for num_tasks={num_tasks}. "
+            f"Received task ids in [{ids.min()}, {ids.max()}]."
+        )
+    return np.bincount(ids, minlength=num_tasks).astype(np.int64)

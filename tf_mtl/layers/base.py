@@ -1,0 +1,42 @@
+"""The contract every task-conditioned layer follows."""
+
+import keras
+
+
+class TaskConditioned(keras.layers.Layer):
+    """Base class of layers whose behaviour depends on the task of each example.
+
+    A conditioned layer is called as `layer(x, task_ids, training=...)`, where
+    `task_ids` is an int32 vector giving the task of every row of `x`. It
+    gathers its per-task state by id: it never reads a global "current task"
+    and never loops over tasks, so a batch mixing tasks costs one call.
+
+    `MultiTaskModel` reads two more things from a conditioned layer:
+
+    - `routes_tasks(training)`: whether the layer needs `task_ids` in this
+      mode. Before the first layer that does, the model runs the task-agnostic
+      stem once and tiles its output T times (DESIGN.md, task-routed batches);
+      a layer that is the identity at inference (an MPPS mask) returns False
+      for `training=False`, so evaluation and export run the plain backbone.
+    - `objective_terms(row_losses, task_ids)`: extra terms of the training
+      objective, as `(row_terms, task_terms)`. `row_terms` has one value per
+      row and is weighted like that row's loss; `task_terms` has one value per
+      task and is weighted like that task. Either may be None.
+    """
+
+    def routes_tasks(self, training):
+        return True
+
+    def objective_terms(self, row_losses, task_ids):
+        return None, None
+
+    def compute_output_shape(self, input_shape, task_ids_shape=None):
+        return input_shape
+
+
+def apply_conditioned(layer, x, task_ids, training):
+    """Calls a conditioned layer where it routes tasks; elsewhere it is the
+    identity and is not traced at all (no mask op in an inference graph)."""
+    if not layer.routes_tasks(training):
+        return x
+    return layer(x, task_ids, training=training)

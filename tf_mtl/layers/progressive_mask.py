@@ -1,0 +1,292 @@
+"""MPPS neuron masks: a learnable mask distribution per task and channel.
+
+Shi et al., "Deep Multitask Learning with Progressive Parameter Sharing",
+ICCV 2023 (papers/001; appendix papers/000). Section and equation numbers
+below are the paper's.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tf_mtl.layers.base import TaskConditioned
+
+tfd = tfp.distributions
+
+DISTRIBUTIONS = ("bernoulli", "gaussian")
+SAMPLE_PER = ("task", "example")
+
+
+def exclusive_init(num_tasks, channels, eps):
+    """Exclusive initialisation (section 3.5), a `(T, C)` array.
+
+    The channels are split into T contiguous parts; task t owns part t with
+    probability `1 - eps` and is a guest elsewhere with probability `eps`.
+    Its EC is the highest possible, `1 - eps`.
+    """
+    probs = np.full((num_tasks, channels), eps, "float32")
+    for task, part in enumerate(np.array_split(np.arange(channels), num_tasks)):
+        probs[task, part] = 1.0 - eps
+    return probs
+
+
+def exclusive_capacity(probs):
+    """Exclusive capacity of each channel (section 3.3), shape `(C,)`:
+
+        EC = 1 - (sum_t phi[t] - max_t phi[t]) / (T - 1)
+
+    `probs` is `(T, C)`. 1 - eps when one task owns the channel alone,
+    eps when every task uses it with probability 1 - eps.
+    """
+    probs = tf.convert_to_tensor(probs)
+    guests = tf.reduce_sum(probs, 0) - tf.reduce_max(probs, 0)
+    return 1.0 - guests / (probs.shape[0] - 1)
+
+
+def rescale_capacity(probs, capacity, eps):
+    """Target update of Algorithm 1, `Pi = 1 - (C_i / C) * (1 - Phi)`.
+
+    The remaining capacity `1 - Phi` of each channel is rescaled so that the
+    target's EC becomes `capacity` (C_i): for each channel,
+    EC(Pi) = (C_i / C) * EC(Phi), exact while the owner stays the owner and
+    nothing is clipped.
+
+    Reading: Algorithm 1 writes `C = 1 - (sum_t Phi - max_t Phi)`, without
+    the 1/(T-1) of the EC definition (3.3). The two agree for T = 2. For
+    T > 2 the unnormalised C can be zero or negative (two guests at 0.6
+    already give C < 0), and even where positive it does not give the target
+    the EC C_i that eq. (4) asks for. We use C = EC(Phi), the normalised one,
+    which makes EC(Pi) = C_i for every T. With Phi clipped to [eps, 1 - eps],
+    C >= eps; the division is guarded anyway, and Pi is clipped to the same
+    range (where the clip binds, EC(Pi) is only close to C_i).
+    """
+    probs = tf.convert_to_tensor(probs, tf.float32)
+    current = tf.maximum(exclusive_capacity(probs), eps)
+    return tf.clip_by_value(1.0 - (capacity / current) * (1.0 - probs), eps, 1.0 - eps)
+
+
+def gaussian_scale(probs):
+    """r_G(v) = sqrt((1 - v) / v) of section 3.3: N(1, r^2) has the
+    variance of a Bernoulli(v) mask rescaled by 1/v (Gaussian dropout)."""
+    return tf.sqrt((1.0 - probs) / probs)
+
+
+def kl_divergence(distribution, mask_probs, target_probs):
+    """KL(q_Phi || p_Pi) per task, summed over channels, in closed form.
+
+    Bernoulli: phi log(phi / pi) + (1 - phi) log((1 - phi) / (1 - pi)).
+    Gaussian, q = N(1, r(phi)^2), p = N(1, r(pi)^2) (same mean):
+    log(r(pi) / r(phi)) + r(phi)^2 / (2 r(pi)^2) - 1/2.
+    """
+    q, p = mask_probs, target_probs
+    if distribution == "bernoulli":
+        kl = q * tf.math.log(q / p) + (1.0 - q) * tf.math.log((1.0 - q) / (1.0 - p))
+    else:
+        ratio = tf.square(gaussian_scale(q) / gaussian_scale(p))
+        kl = 0.5 * (ratio - tf.math.log(ratio) - 1.0)
+    return tf.reduce_sum(kl, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="tf_mtl")
+class ProgressiveMask(TaskConditioned):
+    """MPPS mask on the channels of a layer, one distribution per task.
+
+    For channel c and task t the mask is drawn from a Bernoulli(phi[t, c])
+    or a Gaussian N(1, r(phi[t, c])^2), r(v) = sqrt((1 - v) / v) (3.3).
+    The owner of a channel, argmax_t phi[t, c], always uses it (mask 1);
+    guests sample. `Phi` (`mask_probs`, trainable) starts at the exclusive
+    initialisation (3.5), as does the target `Pi` (`target_probs`), which
+    callbacks move along the EC schedule (`tf_mtl.callbacks`). Phi is kept in
+    [eps, 1 - eps] by projection after every optimizer step.
+
+    Training draws one mask per task per step, as in Algorithm 1
+    (`sample_per="task"`), or one per example (`"example"`): lower variance
+    for the same step, at the price of `B x C` random numbers instead of
+    `T x C` (the masked product costs the same). At inference
+    (`training=False`) the layer is the identity: the fully shared backbone
+    of section 4.1, with no random op traced.
+
+    Objective terms (eq. 3, with the coefficient beta of the appendix):
+    `beta * KL(q_Phi(., t) || p_Pi(., t))` per task, in closed form. The
+    gradient of the expected loss reaches Phi by reparameterisation
+    `m = 1 + r(phi) * e` for the Gaussian, and by the score function
+    (REINFORCE, 3.4) for the Bernoulli, through the surrogate
+    `stop_gradient(L_i - b_t) * log q_Phi(m_i, t)` per row, with
+    `b_t` an optional moving average of task t's loss (`baseline_decay`; the
+    paper uses none). The owner's mask is deterministic and adds no
+    log-probability.
+
+    Args:
+        num_tasks: T, at least 2.
+        distribution: `"bernoulli"` (default, the paper's main choice) or
+            `"gaussian"`.
+        eps: clipping of the probabilities, 0.01 in the paper.
+        beta: coefficient of the KL term (appendix 7.4), default 1.
+        sample_per: `"task"` (default) or `"example"`.
+        baseline_decay: None (default) or a decay in [0, 1) for the
+            moving-average REINFORCE baseline.
+        seed: seed of the mask samples.
+
+    Example:
+
+    >>> x = keras.Input((8, 8, 16))
+    >>> task_ids = keras.Input((), dtype="int32")
+    >>> y = ProgressiveMask(num_tasks=2)(x, task_ids)
+    >>> model = keras.Model([x, task_ids], y)
+
+    Use it through `MultiTaskModel`, which adds `objective_terms` to the
+    loss; a model of your own must add them itself.
+    """
+
+    def __init__(self, num_tasks, distribution="bernoulli", eps=0.01, beta=1.0,
+                 sample_per="task", baseline_decay=None, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if int(num_tasks) < 2:
+            raise ValueError(
+                f"MPPS needs at least 2 tasks. Received: num_tasks={num_tasks}"
+            )
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"`distribution` must be one of {DISTRIBUTIONS}. "
+                f"Received: distribution={distribution!r}"
+            )
+        if not 0 < eps < 0.5:
+            raise ValueError(f"`eps` must be in (0, 0.5). Received: eps={eps}")
+        if beta < 0:
+            raise ValueError(f"`beta` must be >= 0. Received: beta={beta}")
+        if sample_per not in SAMPLE_PER:
+            raise ValueError(
+                f"`sample_per` must be one of {SAMPLE_PER}. "
+                f"Received: sample_per={sample_per!r}"
+            )
+        if baseline_decay is not None and not 0 <= baseline_decay < 1:
+            raise ValueError(
+                "`baseline_decay` must be None or in [0, 1). "
+                f"Received: baseline_decay={baseline_decay}"
+            )
+        self.num_tasks = int(num_tasks)
+        self.distribution = distribution
+        self.eps = float(eps)
+        self.beta = float(beta)
+        self.sample_per = sample_per
+        self.baseline_decay = baseline_decay
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self._sample_log_prob = None
+
+    def build(self, x_shape, task_ids_shape=None):
+        channels = x_shape[-1]
+        if channels < self.num_tasks:
+            raise ValueError(
+                f"{self.name}: {channels} channels cannot be split among "
+                f"{self.num_tasks} owners (section 3.5)."
+            )
+        init = exclusive_init(self.num_tasks, channels, self.eps)
+        lo, hi = self.eps, 1.0 - self.eps
+        self.mask_probs = self.add_weight(
+            shape=init.shape, name="mask_probs",
+            initializer=lambda shape, dtype=None: init,
+            constraint=lambda probs: keras.ops.clip(probs, lo, hi),
+        )
+        self.target_probs = self.add_weight(
+            shape=init.shape, name="target_probs", trainable=False,
+            initializer=lambda shape, dtype=None: init,
+        )
+        # The scheduler's C_i in force: its position, saved with the weights.
+        self.target_capacity = self.add_weight(
+            shape=(), name="target_capacity", trainable=False,
+            initializer=keras.initializers.Constant(1.0 - self.eps),
+        )
+        if self.baseline_decay is not None:
+            self.baseline = self.add_weight(
+                shape=(self.num_tasks,), name="baseline", trainable=False,
+                initializer="zeros", aggregation="mean",
+            )
+
+    def routes_tasks(self, training):
+        return bool(training)
+
+    def _distribution(self, probs):
+        if self.distribution == "bernoulli":
+            return tfd.Bernoulli(probs=probs, dtype=probs.dtype)
+        return tfd.Normal(loc=tf.ones_like(probs), scale=gaussian_scale(probs))
+
+    def _seed(self):
+        seed = tf.cast(self.seed_generator.next(), tf.int32)
+        if self.sample_per == "example":
+            # Replicas hold different examples: give them different draws.
+            # One mask per task stays the same on every replica (Algorithm 1).
+            replica = tf.distribute.get_replica_context()
+            if replica is not None:
+                seed += tf.stack([0, tf.cast(replica.replica_id_in_sync_group, tf.int32)])
+        return seed
+
+    def call(self, x, task_ids, training=None):
+        if not training:
+            return x
+        task_ids = tf.cast(task_ids, tf.int32)
+        probs = tf.convert_to_tensor(self.mask_probs)
+        owner = tf.one_hot(tf.argmax(probs, axis=0), self.num_tasks, axis=0,
+                           on_value=True, off_value=False)
+        if self.sample_per == "example":
+            probs, owner = tf.gather(probs, task_ids), tf.gather(owner, task_ids)
+        dist = self._distribution(probs)
+        sample = dist.sample(seed=self._seed())
+        mask = tf.where(owner, tf.ones_like(sample), sample)
+        if self.distribution == "bernoulli":
+            log_prob = tf.reduce_sum(
+                tf.where(owner, tf.zeros_like(sample), dist.log_prob(sample)), -1
+            )
+        if self.sample_per == "task":
+            mask = tf.gather(mask, task_ids)
+            if self.distribution == "bernoulli":
+                log_prob = tf.gather(log_prob, task_ids)
+        if self.distribution == "bernoulli":
+            # Read by `objective_terms` in the same step (score function).
+            self._sample_log_prob = log_prob
+        channels = mask.shape[-1]
+        mask = tf.reshape(mask, [-1] + [1] * (len(x.shape) - 2) + [channels])
+        return x * tf.cast(mask, x.dtype)
+
+    def kl_divergence(self):
+        """KL(q_Phi(., t) || p_Pi(., t)) for each task, shape `(T,)`."""
+        return kl_divergence(self.distribution, self.mask_probs, self.target_probs)
+
+    def exclusive_capacity(self):
+        """EC of each channel of Phi (3.3), shape `(C,)`."""
+        return exclusive_capacity(self.mask_probs)
+
+    def objective_terms(self, row_losses, task_ids):
+        kl = self.beta * self.kl_divergence()
+        if self.distribution == "gaussian":
+            return None, kl  # Phi gets the loss gradient through the sample.
+        advantage = row_losses
+        if self.baseline_decay is not None:
+            advantage = row_losses - tf.gather(self.baseline, task_ids)
+            self._update_baseline(row_losses, task_ids)
+        # Zero in value, so the logged loss stays eq. (3); its gradient is
+        # the score-function estimate.
+        log_prob = self._sample_log_prob
+        return tf.stop_gradient(advantage) * (log_prob - tf.stop_gradient(log_prob)), kl
+
+    def _update_baseline(self, row_losses, task_ids):
+        sums = tf.math.unsorted_segment_sum(row_losses, task_ids, self.num_tasks)
+        counts = tf.math.bincount(task_ids, minlength=self.num_tasks,
+                                  maxlength=self.num_tasks, dtype=tf.float32)
+        seen = counts > 0
+        means = tf.where(seen, sums / tf.maximum(counts, 1.0), self.baseline)
+        decay = self.baseline_decay
+        self.baseline.assign(decay * self.baseline + (1.0 - decay) * means)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_tasks": self.num_tasks,
+            "distribution": self.distribution,
+            "eps": self.eps,
+            "beta": self.beta,
+            "sample_per": self.sample_per,
+            "baseline_decay": self.baseline_decay,
+            "seed": self.seed,
+        }

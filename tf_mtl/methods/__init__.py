@@ -1,0 +1,7 @@
+"""One builder per method. Each returns `MultiTaskModel`s ready to compile."""
+
+from tf_mtl.methods.hps import hard_sharing
+from tf_mtl.methods.mpps import progressive_sharing
+from tf_mtl.methods.stl import single_task, task_view
+
+__all__ = ["hard_sharing", "progressive_sharing", "single_task", "task_view"]

@@ -1,0 +1,104 @@
+"""MPPS: multitask learning with progressive parameter sharing (papers/001).
+
+`progressive_sharing` puts a `ProgressiveMask` after the last k conditioned
+sites of a backbone; `tf_mtl.callbacks.ExclusiveCapacityScheduler` moves the
+targets along the EC schedule. Training then minimises eq. (3) (with the N_t/N
+weights of appendix 7.1 on non-jointly labelled data); evaluation and export
+use the fully shared backbone.
+"""
+
+from tf_mtl.backbones import sites
+from tf_mtl.layers.progressive_mask import ProgressiveMask
+from tf_mtl.model import MultiTaskModel
+
+
+def progressive_sharing(backbone, tasks, input_shape, jointly_labelled=True,
+                        num_masked=6, distribution="bernoulli", eps=0.01,
+                        beta=1.0, sample_per="task", baseline_decay=None,
+                        seed=0):
+    """An MPPS model.
+
+    Args:
+        backbone: list of layers with conditioning sites (`tf_mtl.backbones`).
+        tasks: the `Task`s; at least 2.
+        input_shape: shape of one input example.
+        jointly_labelled: data layout (see `MultiTaskModel`).
+        num_masked: k, the number of last sites that carry a mask; 6 in the
+            paper (4.1, 4.3.1). A backbone with fewer sites is masked at all
+            of them.
+        distribution, eps, beta, sample_per, baseline_decay: see
+            `ProgressiveMask`.
+        seed: seed of the first mask; mask i uses `seed + i`.
+    """
+    if int(num_masked) < 1:
+        raise ValueError(f"`num_masked` must be >= 1. Received: {num_masked}")
+    chosen = sites(backbone)[-int(num_masked):]
+    if not chosen:
+        raise ValueError("The backbone has no conditioning site to mask.")
+    for i, (block, site, _) in enumerate(chosen):
+        block.condition(site, ProgressiveMask(
+            len(tasks), distribution=distribution, eps=eps, beta=beta,
+            sample_per=sample_per, baseline_decay=baseline_decay,
+            seed=None if seed is None else seed + i, name=f"mpps_mask_{i}",
+        ))
+    return MultiTaskModel(backbone, tasks, input_shape, jointly_labelled)
+
+
+def define_flags():
+    """absl flags of `train.py --method=mpps`."""
+    from absl import flags
+
+    from tf_mtl.layers.progressive_mask import DISTRIBUTIONS, SAMPLE_PER
+
+    flags.DEFINE_enum("mpps_distribution", "bernoulli", DISTRIBUTIONS,
+                      "Mask distribution (3.3).")
+    flags.DEFINE_integer("mpps_layers", 6, "k: number of last sites masked (4.3.1).",
+                         lower_bound=1)
+    flags.DEFINE_string("mpps_schedule", "linear",
+                        "EC schedule: separ, fullshare, linear, quad or stepN.")
+    flags.DEFINE_integer("mpps_frozen_start", 0, "Frozen epochs at the start (4.3.2).",
+                         lower_bound=0)
+    flags.DEFINE_integer("mpps_frozen_end", 0, "Frozen epochs at the end (4.3.2).",
+                         lower_bound=0)
+    flags.DEFINE_float("mpps_beta", 1.0, "Coefficient of the KL term (appendix).",
+                       lower_bound=0.0)
+    flags.DEFINE_float("mpps_eps", 0.01, "Probability clipping eps.",
+                       lower_bound=1e-6, upper_bound=0.49)
+    flags.DEFINE_enum("mpps_sample_per", "task", SAMPLE_PER,
+                      "One mask per task per step (Algorithm 1) or per example.")
+    flags.DEFINE_float("mpps_baseline_decay", None,
+                       "Decay of the REINFORCE moving-average baseline; unset: none.",
+                       lower_bound=0.0, upper_bound=0.999)
+    flags.DEFINE_bool("mpps_update_target", True,
+                      "Algorithm 1's target update; false: 'without updating' (4.3.4).")
+    flags.register_validator(
+        "mpps_schedule", _valid_schedule,
+        message="--mpps_schedule must be separ, fullshare, linear, quad or stepN.")
+
+
+def _valid_schedule(name):
+    from tf_mtl.callbacks import sharing_progress
+
+    try:
+        sharing_progress(name, 0, 1)
+    except ValueError:
+        return False
+    return True
+
+
+def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epochs):
+    """The model and callbacks of `train.py --method=mpps`."""
+    from tf_mtl.callbacks import ExclusiveCapacityScheduler
+
+    f = flag_values
+    model = progressive_sharing(
+        backbone, tasks, input_shape, jointly_labelled,
+        num_masked=f.mpps_layers, distribution=f.mpps_distribution,
+        eps=f.mpps_eps, beta=f.mpps_beta, sample_per=f.mpps_sample_per,
+        baseline_decay=f.mpps_baseline_decay, seed=f.seed,
+    )
+    scheduler = ExclusiveCapacityScheduler(
+        epochs, f.mpps_schedule, f.mpps_frozen_start, f.mpps_frozen_end,
+        f.mpps_update_target,
+    )
+    return model, [scheduler]

@@ -1,0 +1,269 @@
+"""MultiTaskModel: one backbone, one head per task, task-routed batches."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_mtl.backbones import Block
+from tf_mtl.layers.base import TaskConditioned, apply_conditioned
+
+
+def tile_tasks(features, num_tasks):
+    """Repeats a batch once per task: rows `[t*B, (t+1)*B)` belong to task t.
+
+    This is where a jointly labelled batch enters the task-conditioned part
+    of a backbone: everything before it ran once for all tasks.
+    """
+    batch = tf.shape(features)[0]
+    task_ids = tf.repeat(tf.range(num_tasks, dtype=tf.int32), batch)
+    return tf.concat([features] * num_tasks, axis=0), task_ids
+
+
+def _all_replicas_sum(value):
+    context = tf.distribute.get_replica_context()
+    if context is None:  # cross-replica context: nothing to reduce
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+class MultiTaskModel(keras.Model):
+    """A shared backbone and one head per task, trained with `fit`.
+
+    Batches are routed by task (DESIGN.md, "task-routed batches"):
+
+    - *Jointly labelled* data yields `(x, {task_name: y})`. The backbone runs
+      once on `x` up to the first task-conditioned layer that is active in
+      this mode; there the features are tiled T times with
+      `task_ids = repeat(range(T), B)`, and the rows of task t go to head t.
+      A backbone with no active conditioned layer (hard sharing) never tiles.
+    - *Non-jointly labelled* data yields `(x, task_id, y)`: every example
+      belongs to one task, conditioned layers read `task_id` and each head
+      sees its own examples. Following MPPS appendix 7.1 the objective is
+      `sum_t (N_t / N) * mean loss of task t`, with N_t counted exactly, in
+      one pass over the training set's task ids, when `fit` starts (or given
+      as `task_frequencies`).
+
+    The objective is `sum_t w_t * mean_t(loss_t)` (eq. 1, w_t the task's
+    `loss_weight`, times N_t/N for non-jointly labelled data) plus the terms
+    of the conditioned layers (`TaskConditioned.objective_terms`). Means are
+    taken over the global batch, so the loss and its gradients are the same
+    under `tf.distribute` as on one device.
+
+    Logs hold `loss` and, per task, `{task}_loss` and `{task}_{metric}`.
+
+    Args:
+        backbone: list of layers: plain Keras layers, `Block`s with
+            conditioning sites, or `TaskConditioned` layers.
+        tasks: the `Task`s, in task-id order.
+        input_shape: shape of one input example, e.g. `(28, 28, 1)`.
+        jointly_labelled: which of the two data layouts above `fit` expects.
+        task_frequencies: N_t / N for non-jointly labelled data; counted from
+            the training data by `fit` when None.
+
+    Example:
+
+    >>> tasks = [tf_mtl.tasks.classification(n, 10) for n in ("left", "right")]
+    >>> model = MultiTaskModel(tf_mtl.backbones.lenet(), tasks, (28, 28, 1))
+    >>> model.compile(optimizer="adam")
+    >>> model.fit(tf_mtl.data.load("synthetic").train, epochs=1)
+    """
+
+    def __init__(self, backbone, tasks, input_shape, jointly_labelled=True,
+                 task_frequencies=None, **kwargs):
+        super().__init__(**kwargs)
+        tasks = tuple(tasks)
+        names = [task.name for task in tasks]
+        if not tasks or len(set(names)) != len(names):
+            raise ValueError(
+                f"`tasks` must be a non-empty list of distinct tasks. Received "
+                f"task names: {names}"
+            )
+        self.backbone = list(backbone)
+        self.tasks = tasks
+        self.task_names = tuple(names)
+        self.example_shape = tuple(input_shape)
+        self.jointly_labelled = bool(jointly_labelled)
+        self.heads = {task.name: task.head() for task in tasks}
+        self.task_frequencies = self.add_weight(
+            shape=(len(tasks),), initializer="zeros", trainable=False,
+            name="task_frequencies",
+        )
+        if task_frequencies is not None:
+            self.set_task_frequencies(task_frequencies)
+        self._loss_tracker = keras.metrics.Mean(name="loss")
+        self._task_metrics = {
+            task.name: [keras.metrics.Mean(name=f"{task.name}_loss")]
+            + [m.build(f"{task.name}_{m.name}") for m in task.metrics]
+            for task in tasks
+        }
+        self(np.zeros((1,) + self.example_shape, "float32"))
+
+    @property
+    def num_tasks(self):
+        return len(self.tasks)
+
+    @property
+    def metrics(self):
+        return [self._loss_tracker] + [
+            m for metrics in self._task_metrics.values() for m in metrics
+        ]
+
+    @property
+    def conditioned_layers(self):
+        """The task-conditioned layers of the backbone, in forward order."""
+        found = []
+        for layer in self.backbone:
+            if isinstance(layer, TaskConditioned):
+                found.append(layer)
+            elif isinstance(layer, Block):
+                found.extend(layer.conditioned_layers())
+        return found
+
+    def set_task_frequencies(self, frequencies):
+        """Sets N_t / N from counts or frequencies of each task."""
+        frequencies = np.asarray(frequencies, "float64")
+        if frequencies.shape != (self.num_tasks,) or frequencies.sum() <= 0 or (
+            frequencies < 0
+        ).any():
+            raise ValueError(
+                f"`task_frequencies` must be {self.num_tasks} non-negative "
+                f"numbers, not all zero. Received: {frequencies.tolist()}"
+            )
+        self.task_frequencies.assign(frequencies / frequencies.sum())
+
+    # -- forward -----------------------------------------------------------
+
+    def features(self, x, task_ids=None, training=False):
+        """Runs the backbone; returns the features and the task of each row
+        (None when every row serves every task)."""
+        for layer in self.backbone:
+            if task_ids is None and _routes_tasks(layer, training):
+                x, task_ids = tile_tasks(x, self.num_tasks)
+            if isinstance(layer, TaskConditioned):
+                x = apply_conditioned(layer, x, task_ids, training)
+            elif isinstance(layer, Block):
+                x = layer(x, task_ids, training=training)
+            else:
+                x = layer(x, training=training)
+        return x, task_ids
+
+    def _heads(self, features, row_tasks, training):
+        """Per-task predictions, and each task's row indices when routed."""
+        if row_tasks is None:
+            return {n: self.heads[n](features, training=training)
+                    for n in self.task_names}, None
+        rows = tf.dynamic_partition(
+            tf.range(tf.shape(features)[0]), row_tasks, self.num_tasks
+        )
+        parts = tf.dynamic_partition(features, row_tasks, self.num_tasks)
+        return {n: self.heads[n](p, training=training)
+                for n, p in zip(self.task_names, parts)}, rows
+
+    def call(self, x, training=False):
+        """`x -> {task_name: output}` for a batch serving every task."""
+        features, row_tasks = self.features(x, None, training)
+        return self._heads(features, row_tasks, training)[0]
+
+    # -- training ----------------------------------------------------------
+
+    def _task_weights(self):
+        weights = tf.constant([t.loss_weight for t in self.tasks], tf.float32)
+        if self.jointly_labelled:
+            return weights
+        return weights * tf.cast(self.task_frequencies, tf.float32)
+
+    def _step(self, data, training):
+        """Loss of one batch (this replica's share of it); updates metrics."""
+        if self.jointly_labelled:
+            x, labels = data
+            task_ids = None
+        else:
+            x, task_ids, y = data
+            task_ids = tf.cast(task_ids, tf.int32)
+            labels = dict(zip(
+                self.task_names,
+                tf.dynamic_partition(y, task_ids, self.num_tasks),
+            ))
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        features, row_tasks = self.features(x, task_ids, training)
+        preds, rows = self._heads(features, row_tasks, training)
+
+        losses = []
+        for task in self.tasks:
+            y_true = labels[task.name]
+            if y_true.dtype.is_floating:
+                y_true = tf.debugging.assert_all_finite(
+                    y_true, f"NaN or Inf in the labels of task {task.name!r}"
+                )
+            losses.append(tf.cast(task.loss(y_true, preds[task.name]), tf.float32))
+            for metric in self._task_metrics[task.name][1:]:
+                metric.update_state(y_true, preds[task.name])
+        counts = tf.stack([tf.cast(tf.size(l), tf.float32) for l in losses])
+        global_counts = tf.maximum(_all_replicas_sum(counts), 1.0)
+        weights = self._task_weights()
+        sums = tf.stack([tf.reduce_sum(l) for l in losses])
+        loss = tf.reduce_sum(weights * sums / global_counts)
+        for task, total, count in zip(self.tasks, tf.unstack(sums), tf.unstack(counts)):
+            self._task_metrics[task.name][0].update_state(
+                tf.math.divide_no_nan(total, count), sample_weight=count
+            )
+
+        active = [l for l in self.conditioned_layers if l.routes_tasks(training)]
+        if active:
+            row_losses = tf.dynamic_stitch(rows, losses)
+            row_weights = tf.gather(weights / global_counts, row_tasks)
+            for layer in active:
+                row_terms, task_terms = layer.objective_terms(row_losses, row_tasks)
+                if row_terms is not None:
+                    loss += tf.reduce_sum(row_weights * row_terms)
+                if task_terms is not None:
+                    # Every replica adds the same term; the sum over replicas
+                    # must count it once.
+                    loss += tf.reduce_sum(weights * task_terms) / replicas
+        # `loss` is this replica's share: scaled back, its mean over replicas
+        # is the global objective.
+        self._loss_tracker.update_state(
+            loss * replicas, sample_weight=tf.shape(x)[0]
+        )
+        return loss
+
+    def _logs(self):
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            loss = self.optimizer.scale_loss(self._step(data, training=True))
+        variables = self.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return self._logs()
+
+    def test_step(self, data):
+        self._step(data, training=False)
+        return self._logs()
+
+    # -- checks before any step runs ---------------------------------------
+
+    def fit(self, x=None, validation_data=None, **kwargs):
+        self.check_dataset(x, "x")
+        if validation_data is not None:
+            self.check_dataset(validation_data, "validation_data")
+        if not self.jointly_labelled and not float(tf.reduce_sum(self.task_frequencies)):
+            from tf_mtl.data import task_counts
+
+            self.set_task_frequencies(task_counts(x, self.num_tasks))
+        return super().fit(x, validation_data=validation_data, **kwargs)
+
+    def evaluate(self, x=None, **kwargs):
+        self.check_dataset(x, "x")
+        return super().evaluate(x, **kwargs)
+
+    def check_dataset(self, dataset, argument):
+        """Raises a ValueError naming the task, key or shape at fault when
+        `dataset` does not match this model's tasks and layout."""
+        from tf_mtl import validation
+
+        validation.check_dataset(self, dataset, argument)
+
+
+def _routes_tasks(layer, training):
+    return isinstance(layer, (Block, TaskConditioned)) and layer.routes_tasks(training)

@@ -1,0 +1,78 @@
+"""Figures of a training run, written as PNG files."""
+
+import itertools
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_capacity(records, path):
+    """EC of the masks and of their target per epoch (MPPS Figure 3 style).
+
+    `records` is `ExclusiveCapacityScheduler.history`.
+    """
+    epochs = [r["epoch"] + 1 for r in records]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [r["ec_target"] for r in records], "k--", label="target EC")
+    ax.plot(epochs, [r["ec"] for r in records], "C0", lw=2, label="EC (all masks)")
+    for name in sorted(k for k in records[0] if k.startswith("ec_mpps")):
+        ax.plot(epochs, [r[name] for r in records], lw=0.8, alpha=0.6,
+                label=name[3:])
+    ax.set(xlabel="epoch", ylabel="exclusive capacity", ylim=(0, 1.02),
+           title="MPPS exclusive capacity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def share_proportions(mask_probs):
+    """For every owner o and pair of other tasks (a, b): the mean over the
+    channels o owns of phi_a / (phi_a + phi_b) (MPPS Figures 6 and 7).
+
+    `mask_probs` is `(T, C)`. Returns `{(o, a, b): value}`.
+    """
+    probs = np.asarray(mask_probs)
+    owners = probs.argmax(0)
+    out = {}
+    for owner in range(probs.shape[0]):
+        owned = probs[:, owners == owner]
+        others = [t for t in range(probs.shape[0]) if t != owner]
+        for a, b in itertools.combinations(others, 2):
+            share = owned[a] / (owned[a] + owned[b])
+            out[owner, a, b] = float(share.mean()) if share.size else np.nan
+    return out
+
+
+def plot_share_proportions(records, task_names, path):
+    """One panel per owner task: the share proportions of each mask layer
+    per epoch. Only meaningful for 3 tasks or more."""
+    num_tasks = len(task_names)
+    if num_tasks < 3:
+        raise ValueError(f"Share proportions need >= 3 tasks; got {num_tasks}.")
+    epochs = [r["epoch"] + 1 for r in records]
+    layers = list(records[0]["mask_probs"])
+    series = [
+        {layer: share_proportions(r["mask_probs"][layer]) for layer in layers}
+        for r in records
+    ]
+    fig, axes = plt.subplots(1, num_tasks, figsize=(4 * num_tasks, 3.5),
+                             sharey=True, squeeze=False)
+    for owner, ax in enumerate(axes[0]):
+        others = [t for t in range(num_tasks) if t != owner]
+        for (a, b), layer in itertools.product(
+            itertools.combinations(others, 2), layers
+        ):
+            ax.plot(epochs, [s[layer][owner, a, b] for s in series],
+                    label=f"{layer}: {task_names[a]}/({task_names[a]}+{task_names[b]})")
+        ax.axhline(0.5, color="k", lw=0.5, ls=":")
+        ax.set(title=f"channels owned by {task_names[owner]}", xlabel="epoch",
+               ylim=(0, 1))
+        ax.legend(fontsize=5)
+    axes[0][0].set_ylabel("share proportion")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

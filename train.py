@@ -1,0 +1,165 @@
+"""Trains one multi-task method on one data set with `model.fit`.
+
+    python train.py                                    # MPPS on MultiFashion
+    python train.py --flagfile=configs/hps_multifashion.cfg
+    python train.py --method=stl --dataset=fashion_groups --epochs=5
+
+Writes into --output_dir: `history.json` (Keras History, plus the MPPS
+schedule), `results.json` (test metrics), TensorBoard logs under `logs/`,
+figures (`*.png`), and the export (SavedModel + .tflite) into --export_dir.
+"""
+
+import json
+import os
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("method", "mpps", ["hps", "stl", "mpps"], "Method to train.")
+flags.DEFINE_enum("dataset", "multifashion",
+                  ["multifashion", "fashion_groups", "synthetic", "synthetic_groups"],
+                  "Data set (tf_mtl.data.load).")
+flags.DEFINE_enum("backbone", "lenet", ["lenet", "resnet"], "Shared backbone.")
+flags.DEFINE_float("width", 1.0, "Width multiplier of the backbone.", lower_bound=0.01)
+flags.DEFINE_integer("epochs", 8, "Training epochs.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
+flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Optimizer (sgd: momentum 0.9).")
+flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.", lower_bound=1e-8)
+flags.DEFINE_integer("seed", 0, "Seed of data, initialisation and masks.", lower_bound=0)
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored"],
+                  "tf.distribute strategy: default (one device) or mirrored (all local devices).")
+flags.DEFINE_string("output_dir", "runs/latest", "Where history, logs and figures go.")
+flags.DEFINE_string("export_dir", None, "Where the export goes (default: <output_dir>/export).")
+flags.DEFINE_string("data_dir", None, "Folder of the Fashion-MNIST IDX files.")
+flags.DEFINE_integer("limit", None, "Keep at most this many examples per split.",
+                     lower_bound=1)
+flags.DEFINE_string("reference", None,
+                    "results.json of a single-task run: prints Delta (MPPS eq. 5) against it.")
+flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras fit verbosity.")
+
+from tf_mtl.methods import hps, mpps  # noqa: E402
+
+mpps.define_flags()
+METHODS = {"hps": hps.from_flags, "mpps": mpps.from_flags}
+
+
+def _optimizer():
+    import keras
+
+    if FLAGS.optimizer == "sgd":
+        return keras.optimizers.SGD(FLAGS.learning_rate, momentum=0.9)
+    return keras.optimizers.Adam(FLAGS.learning_rate)
+
+
+def _strategy():
+    import tensorflow as tf
+
+    if FLAGS.strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _fit(model, train, validation, test, callbacks, log_dir):
+    import keras
+
+    model.compile(optimizer=_optimizer())
+    verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
+    history = model.fit(
+        train, validation_data=validation, epochs=FLAGS.epochs, verbose=verbose,
+        callbacks=callbacks + [keras.callbacks.TensorBoard(log_dir)],
+    )
+    results = model.evaluate(test, return_dict=True, verbose=0)
+    return history.history, results
+
+
+def _train_single_tasks(data, tasks, input_shape, strategy, backbone, export_dir):
+    """STL: one run per task on that task's view of the data."""
+    from tf_mtl import export
+    from tf_mtl.methods import single_task, task_view
+
+    histories, results = {}, {}
+    for index, task in enumerate(tasks):
+        view = lambda d: task_view(d, index, task.name, data.jointly_labelled)
+        with strategy.scope():
+            model = single_task(backbone(), task, input_shape)
+        histories[task.name], task_results = _fit(
+            model, view(data.train), view(data.validation), view(data.test), [],
+            os.path.join(FLAGS.output_dir, "logs", task.name),
+        )
+        results.update({k: v for k, v in task_results.items() if k != "loss"})
+        export.export(model, os.path.join(export_dir, task.name))
+    return histories, results
+
+
+def _print_table(tasks, results):
+    from tf_mtl import metrics
+
+    print(f"\n{'task':<12}{'metric':<12}{'test':>10}")
+    for task in tasks:
+        for name in ["loss"] + [m.name for m in task.metrics]:
+            print(f"{task.name:<12}{name:<12}{results[f'{task.name}_{name}']:>10.4f}")
+    accuracies = [results[f"{t.name}_accuracy"] for t in tasks
+                  if f"{t.name}_accuracy" in results]
+    if accuracies:
+        summary = metrics.accuracy_summary(accuracies)
+        print("accuracy   " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    if FLAGS.reference:
+        with open(FLAGS.reference) as f:
+            reference = json.load(f)
+        delta = metrics.relative_improvement(results, reference, metrics.directions(tasks))
+        print(f"Delta vs {FLAGS.reference}: {delta:+.2f}%")
+
+
+def main(argv):
+    del argv
+    import keras
+
+    from tf_mtl import backbones, data as datasets, export, plots
+    from tf_mtl.callbacks import ExclusiveCapacityScheduler
+    from tf_mtl.tasks import classification
+
+    start = time.time()
+    keras.utils.set_random_seed(FLAGS.seed)
+    data = datasets.load(FLAGS.dataset, FLAGS.batch_size, FLAGS.seed,
+                         FLAGS.data_dir, FLAGS.limit)
+    tasks = [classification(n, k) for n, k in data.task_classes.items()]
+    input_shape = tuple(data.train.element_spec[0].shape[1:])
+    backbone = lambda: backbones.BACKBONES[FLAGS.backbone](FLAGS.width)
+    strategy = _strategy()
+    export_dir = FLAGS.export_dir or os.path.join(FLAGS.output_dir, "export")
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+
+    extra = {}
+    if FLAGS.method == "stl":
+        history, results = _train_single_tasks(
+            data, tasks, input_shape, strategy, backbone, export_dir)
+    else:
+        with strategy.scope():
+            model, callbacks = METHODS[FLAGS.method](
+                FLAGS, backbone(), tasks, input_shape, data.jointly_labelled,
+                FLAGS.epochs)
+        history, results = _fit(model, data.train, data.validation, data.test,
+                                callbacks, os.path.join(FLAGS.output_dir, "logs"))
+        export.export(model, export_dir)
+        for callback in callbacks:
+            if isinstance(callback, ExclusiveCapacityScheduler):
+                extra["mpps"] = callback.history
+                plots.plot_capacity(callback.history,
+                                    os.path.join(FLAGS.output_dir, "ec.png"))
+                if len(tasks) >= 3:
+                    plots.plot_share_proportions(
+                        callback.history, [t.name for t in tasks],
+                        os.path.join(FLAGS.output_dir, "share_proportions.png"))
+
+    with open(os.path.join(FLAGS.output_dir, "history.json"), "w") as f:
+        json.dump({"history": history, **extra}, f, default=float)
+    with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    _print_table(tasks, results)
+    print(f"\n{FLAGS.method} on {FLAGS.dataset}: {time.time() - start:.0f} s; "
+          f"outputs in {FLAGS.output_dir}, export in {export_dir}")
+
+
+if __name__ == "__main__":
+    app.run(main)
