@@ -17,15 +17,17 @@ SCHEDULES = ("separ", "fullshare", "linear", "quad", "stepN")
 
 def sharing_progress(schedule, epoch, epochs, frozen_start=0, frozen_end=0):
     """How far the EC schedule of MPPS Figure 3 is at `epoch`, in [0, 1]:
-    0 is the exclusive start, 1 full sharing.
+    0 is the exclusive start (EC = 1 - eps), 1 full sharing (EC = eps).
 
     - `separ` stays at 0 and `fullshare` at 1 (fixed targets);
-    - the others hold 0 for `frozen_start` epochs and 1 for the last
-      `frozen_end` (4.3.2), and in between split the `S` scheduled epochs
-      into N equal courses, moving to `k / (N + 1)` in course k (1-based):
-      `stepN` (e.g. `step5`) has N courses, `linear` one course per epoch
-      (N = S), and `quad` follows `u^2` with `u = k / (S + 1)` per epoch.
+    - the others split the S = epochs - frozen_start - frozen_end scheduled
+      epochs into N courses of equal length and put course k (0-based) at
+      `k / (N - 1)`: the first course is the exclusive start, the last one
+      full sharing, and the frozen epochs lengthen those two (3.5, 4.3.2).
+      `stepN` (`step5`, ...) has N courses, `linear` one per epoch (N = S),
+      and `quad` is `linear` squared.
 
+    Epoch 0 always trains at the exclusive initialisation, which is course 0.
     The paper does not say which way Quad bends; `u^2` keeps the target
     exclusive longest, in the spirit of the curriculum.
     """
@@ -34,16 +36,17 @@ def sharing_progress(schedule, epoch, epochs, frozen_start=0, frozen_end=0):
         return 0.0
     if name == "fullshare":
         return 1.0
-    scheduled = epochs - frozen_start - frozen_end
     if epoch < frozen_start:
         return 0.0
     if epoch >= epochs - frozen_end:
         return 1.0
+    scheduled = epochs - frozen_start - frozen_end
     step = epoch - frozen_start
     if name == "step":
-        course = step * courses // scheduled
-        return (course + 1) / (courses + 1)
-    u = (step + 1) / (scheduled + 1)
+        course, last = step * courses // scheduled, courses - 1
+    else:
+        course, last = step, scheduled - 1
+    u = course / last if last > 0 else 1.0
     return u * u if name == "quad" else u
 
 

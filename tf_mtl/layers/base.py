@@ -30,8 +30,8 @@ class TaskConditioned(keras.layers.Layer):
     def objective_terms(self, row_losses, task_ids):
         return None, None
 
-    def compute_output_shape(self, input_shape, task_ids_shape=None):
-        return input_shape
+    def compute_output_shape(self, x_shape, task_ids_shape=None):
+        return x_shape
 
 
 def apply_conditioned(layer, x, task_ids, training):

@@ -79,7 +79,8 @@ def kl_divergence(distribution, mask_probs, target_probs):
     Gaussian, q = N(1, r(phi)^2), p = N(1, r(pi)^2) (same mean):
     log(r(pi) / r(phi)) + r(phi)^2 / (2 r(pi)^2) - 1/2.
     """
-    q, p = mask_probs, target_probs
+    q = tf.convert_to_tensor(mask_probs, tf.float32)
+    p = tf.convert_to_tensor(target_probs, tf.float32)
     if distribution == "bernoulli":
         kl = q * tf.math.log(q / p) + (1.0 - q) * tf.math.log((1.0 - q) / (1.0 - p))
     else:
@@ -126,7 +127,10 @@ class ProgressiveMask(TaskConditioned):
         sample_per: `"task"` (default) or `"example"`.
         baseline_decay: None (default) or a decay in [0, 1) for the
             moving-average REINFORCE baseline.
-        seed: seed of the mask samples.
+        seed: seed of the mask samples (random when None, then kept in the
+            config). Draw i uses the stateless seed `(seed, i)`, and the
+            draw count is a weight, so a run resumed from a checkpoint draws
+            the masks an uninterrupted run would.
 
     Example:
 
@@ -171,8 +175,7 @@ class ProgressiveMask(TaskConditioned):
         self.beta = float(beta)
         self.sample_per = sample_per
         self.baseline_decay = baseline_decay
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed = int(np.random.randint(2**31 - 1) if seed is None else seed)
         self._sample_log_prob = None
 
     def build(self, x_shape, task_ids_shape=None):
@@ -198,6 +201,10 @@ class ProgressiveMask(TaskConditioned):
             shape=(), name="target_capacity", trainable=False,
             initializer=keras.initializers.Constant(1.0 - self.eps),
         )
+        self.draws = self.add_weight(
+            shape=(), dtype="int32", name="draws", trainable=False,
+            initializer="zeros", aggregation="only_first_replica",
+        )
         if self.baseline_decay is not None:
             self.baseline = self.add_weight(
                 shape=(self.num_tasks,), name="baseline", trainable=False,
@@ -213,13 +220,15 @@ class ProgressiveMask(TaskConditioned):
         return tfd.Normal(loc=tf.ones_like(probs), scale=gaussian_scale(probs))
 
     def _seed(self):
-        seed = tf.cast(self.seed_generator.next(), tf.int32)
+        seed = tf.stack([tf.constant(self.seed, tf.int32), self.draws.value])
+        self.draws.assign_add(1)
         if self.sample_per == "example":
             # Replicas hold different examples: give them different draws.
             # One mask per task stays the same on every replica (Algorithm 1).
             replica = tf.distribute.get_replica_context()
             if replica is not None:
-                seed += tf.stack([0, tf.cast(replica.replica_id_in_sync_group, tf.int32)])
+                seed = tf.random.experimental.stateless_fold_in(
+                    seed, replica.replica_id_in_sync_group)
         return seed
 
     def call(self, x, task_ids, training=None):

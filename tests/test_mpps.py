@@ -1,0 +1,176 @@
+"""MPPS as a method: builder, EC schedules, target updates, resume, export."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_mtl import backbones, export
+from tf_mtl.callbacks import ExclusiveCapacityScheduler, sharing_progress
+from tf_mtl.data import synthetic
+from tf_mtl.layers import ProgressiveMask
+from tf_mtl.layers.progressive_mask import exclusive_capacity, exclusive_init
+from tf_mtl.methods import hard_sharing, progressive_sharing
+from tf_mtl.tasks import classification
+
+TASKS = [classification("task_0", 3), classification("task_1", 3)]
+
+
+def _joint_data(batch=32, n=128):
+    x, labels = synthetic.make_synthetic(n, 2, 3, seed=0)
+    return tf.data.Dataset.from_tensor_slices((x, labels)).batch(batch)
+
+
+def _mpps(**kwargs):
+    model = progressive_sharing(backbones.lenet(0.25), TASKS, (28, 28, 1), **kwargs)
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    return model
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # 10 epochs, 2 frozen at each end: 6 scheduled epochs.
+    ("linear", [0, 0, 0, 0.2, 0.4, 0.6, 0.8, 1, 1, 1]),
+    ("quad", [0, 0, 0, 0.04, 0.16, 0.36, 0.64, 1, 1, 1]),
+    ("step2", [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]),
+    ("step3", [0, 0, 0, 0, 0.5, 0.5, 1, 1, 1, 1]),
+    ("separ", [0] * 10),
+    ("fullshare", [1] * 10),
+])
+def test_schedule_curves(schedule, expected):
+    got = [sharing_progress(schedule, e, 10, 2, 2) for e in range(10)]
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+
+
+def test_linear_equals_step_per_epoch_and_no_frozen_epochs():
+    linear = [sharing_progress("linear", e, 6) for e in range(6)]
+    np.testing.assert_allclose(linear, [k / 5 for k in range(6)])
+    np.testing.assert_allclose(linear, [sharing_progress("step6", e, 6) for e in range(6)])
+
+
+@pytest.mark.parametrize("bad", ["cosine", "step0", "linear2"])
+def test_unknown_schedule(bad):
+    with pytest.raises(ValueError, match="EC schedule"):
+        sharing_progress(bad, 0, 5)
+
+
+def test_frozen_epochs_must_fit():
+    with pytest.raises(ValueError, match="frozen_start=3"):
+        ExclusiveCapacityScheduler(5, frozen_start=3, frozen_end=3)
+
+
+def test_builder_masks_the_last_k_sites():
+    model = progressive_sharing(backbones.resnet(0.25), TASKS, (28, 28, 1), num_masked=6)
+    sites = backbones.sites(model.backbone)
+    assert len(sites) == 7
+    masked = [block.conditioned.get(str(site)) for block, site, _ in sites]
+    assert masked[0] is None and all(isinstance(m, ProgressiveMask) for m in masked[1:])
+    # LeNet has 3 sites: k = 6 masks all of them.
+    assert len(_mpps().conditioned_layers) == 3
+
+
+def test_builder_needs_two_tasks():
+    with pytest.raises(ValueError, match="at least 2 tasks"):
+        progressive_sharing(backbones.lenet(0.25), TASKS[:1], (28, 28, 1))
+
+
+@pytest.mark.parametrize("update_target", [True, False])
+def test_scheduler_updates_targets(update_target):
+    model = _mpps()
+    scheduler = ExclusiveCapacityScheduler(4, "linear", update_target=update_target)
+    scheduler.set_model(model)
+    mask = model.conditioned_layers[0]
+    phi = exclusive_init(2, mask.mask_probs.shape[1], 0.01)
+    phi[1, 0] = 0.5  # a guest that learned to share
+    mask.mask_probs.assign(phi)
+    logs = {}
+    scheduler.on_epoch_end(0, logs)
+    capacity = 0.99 - (1 / 3) * 0.98  # epoch 1 of 4: course 1 of 0..3
+    source = phi if update_target else exclusive_init(*phi.shape, 0.01)
+    expected = 1 - capacity / exclusive_capacity(source).numpy() * (1 - source)
+    np.testing.assert_allclose(mask.target_probs.numpy(), np.clip(expected, 0.01, 0.99),
+                               rtol=1e-5)
+    assert mask.target_capacity.numpy() == pytest.approx(capacity)
+    assert logs["ec_target"] == pytest.approx(0.99)  # the target in force in epoch 0
+    assert logs["ec"] < 0.99 and f"ec_{mask.name}" in logs
+    assert len(scheduler.history) == 1 and mask.name in scheduler.history[0]["mask_probs"]
+
+
+def test_fit_moves_ec_towards_sharing():
+    model = _mpps(baseline_decay=0.9)
+    history = model.fit(_joint_data(), epochs=3, verbose=0,
+                        callbacks=[ExclusiveCapacityScheduler(3, "linear")])
+    ec = history.history["ec"]
+    assert ec[-1] < ec[0] < 0.99
+    np.testing.assert_allclose(history.history["ec_target"], [0.99, 0.5, 0.01], rtol=1e-4)
+    assert all(np.isfinite(history.history["loss"]))
+
+
+def _run(tmp_path, epochs, stop_after=None):
+    """Trains a fresh MPPS model with BackupAndRestore; optionally crashes."""
+    keras.utils.set_random_seed(0)
+    model = _mpps(sample_per="example", baseline_decay=0.5)
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 == stop_after:
+                raise RuntimeError("interrupted")
+
+    callbacks = [ExclusiveCapacityScheduler(epochs, "linear"),
+                 keras.callbacks.BackupAndRestore(str(tmp_path))]
+    if stop_after:
+        callbacks.append(Crash())
+    model.fit(_joint_data(), epochs=epochs, verbose=0, callbacks=callbacks)
+    return model
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    reference = _run(tmp_path / "a", 4)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _run(tmp_path / "b", 4, stop_after=2)
+    resumed = _run(tmp_path / "b", 4)
+    for ref, got in zip(reference.conditioned_layers, resumed.conditioned_layers):
+        np.testing.assert_allclose(got.mask_probs.numpy(), ref.mask_probs.numpy(), atol=1e-6)
+        np.testing.assert_allclose(got.target_probs.numpy(), ref.target_probs.numpy(),
+                                   atol=1e-6)
+        assert got.draws.numpy() == ref.draws.numpy() == 16  # 4 epochs x 4 steps
+
+
+def test_mirrored_strategy_keeps_one_phi():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = _mpps()
+    model.fit(_joint_data(), epochs=1, verbose=0,
+              callbacks=[ExclusiveCapacityScheduler(2, "linear")])
+    for mask in model.conditioned_layers:
+        for variable in (mask.mask_probs, mask.target_probs):
+            replicas = [v.numpy() for v in variable.value.values]
+            assert len(replicas) == 2
+            np.testing.assert_array_equal(replicas[0], replicas[1])
+        # Training moved Phi: the test compares trained values.
+        assert not np.allclose(mask.mask_probs.numpy(),
+                               exclusive_init(*mask.mask_probs.shape, 0.01))
+
+
+def test_export_is_the_hard_sharing_model(tmp_path):
+    model = _mpps(distribution="gaussian")
+    model.fit(_joint_data(), epochs=1, verbose=0)
+    hps = hard_sharing(backbones.lenet(0.25), TASKS, (28, 28, 1))
+    # Same weights, layer by layer; the masks hold the only extra variables.
+    for source, target in zip(model.backbone + list(model.heads.values()),
+                              hps.backbone + list(hps.heads.values())):
+        plain = [v for v in source.weights if "mpps_mask" not in v.path]
+        for s, t in zip(plain, target.weights):
+            t.assign(s)
+    saved, tflite = export.export(model, str(tmp_path))
+    ops = export.graph_op_types(saved)
+    assert not {op for op in ops if "Random" in op or "Bernoulli" in op or "Where" in op}
+    assert "Select" not in ops or "SelectV2" not in ops
+    x = np.random.default_rng(0).random((5, 28, 28, 1)).astype("float32")
+    served = tf.saved_model.load(saved).signatures["serving_default"](image=tf.constant(x))
+    lite = tf.lite.Interpreter(model_path=tflite).get_signature_runner()(image=x)
+    expected = hps(x)
+    for name in ("task_0", "task_1"):
+        np.testing.assert_allclose(served[name], expected[name], atol=1e-5)
+        np.testing.assert_allclose(lite[name], expected[name], atol=1e-4)
+    variables = [v.name for v in tf.saved_model.load(saved).inference_variables]
+    assert not [v for v in variables if "probs" in v or "seed" in v]
