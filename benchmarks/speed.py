@@ -1,0 +1,143 @@
+"""Train-step time and peak memory of MPPS against hard sharing, one process.
+
+    .venv/bin/python benchmarks/speed.py > benchmarks/speed.md
+
+For each setting it builds an HPS and an MPPS model on the same backbone,
+times alternating blocks of training steps on the same random batch (so
+machine noise hits both alike) and reads TensorFlow's peak allocator memory
+over the steps. Beside the measured time ratio it prints the FLOP bound of
+DESIGN.md,
+
+    B = (stem + T * suffix + heads) / (stem + suffix + heads),
+
+with stem = the layers before the first mask (run once), suffix = the masked
+layers (run on the task-tiled batch), counted from the forward graph by
+TensorFlow's profiler. Non-jointly labelled batches are never tiled (B = 1).
+"""
+
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tf_mtl import backbones  # noqa: E402
+from tf_mtl.backbones import Block  # noqa: E402
+from tf_mtl.methods import hard_sharing, progressive_sharing  # noqa: E402
+from tf_mtl.tasks import classification  # noqa: E402
+
+BATCH = 128
+SHAPE = (28, 28, 1)
+SETTINGS = [
+    # name, backbone, T, jointly labelled
+    ("MultiFashion CNN (lenet, 3 sites masked)", backbones.lenet, 2, True),
+    ("ResNet, last 6 convs masked", backbones.resnet, 3, True),
+    ("FashionGroups CNN (lenet), non-joint", backbones.lenet, 3, False),
+    ("ResNet, last 6 convs masked, non-joint", backbones.resnet, 3, False),
+]
+
+
+def _flops(fn, spec):
+    from tensorflow.python.profiler import model_analyzer, option_builder
+
+    graph = tf.function(fn).get_concrete_function(spec).graph
+    options = option_builder.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    return model_analyzer.profile(graph, options=options).total_float_ops
+
+
+def flop_bound(model, num_tasks):
+    """B of DESIGN.md from the forward FLOPs of stem, suffix and heads."""
+    layers = model.backbone
+    first = next(i for i, l in enumerate(layers)
+                 if isinstance(l, Block) and l.conditioned_layers())
+
+    def run(x, upto):
+        for layer in layers[:upto]:
+            x = layer(x, training=False)
+        return x
+
+    spec = tf.TensorSpec((BATCH,) + SHAPE)
+    stem = _flops(lambda x: run(x, first), spec) if first else 0
+    body = _flops(lambda x: run(x, len(layers)), spec)
+    total = _flops(lambda x: model(x, training=False), spec)
+    suffix, heads = body - stem, total - body
+    return (stem + num_tasks * suffix + heads) / (stem + suffix + heads)
+
+
+def _batch(num_tasks, jointly):
+    rng = np.random.default_rng(0)
+    x = rng.random((BATCH,) + SHAPE).astype("float32")
+    y = rng.integers(0, 3, BATCH).astype("int32")
+    if jointly:
+        data = (x, {f"task_{t}": y for t in range(num_tasks)})
+    else:
+        data = (x, rng.integers(0, num_tasks, BATCH).astype("int32"), y)
+    return tf.data.Dataset.from_tensors(data).repeat()
+
+
+def _trainer(model, num_tasks, jointly):
+    model.compile(optimizer="adam")
+    if not jointly:
+        model.set_task_frequencies(np.ones(num_tasks))
+    model.make_train_function()
+    step = model.train_function
+    iterator = iter(_batch(num_tasks, jointly))
+
+    def run(steps):
+        for _ in range(steps):
+            logs = step(iterator)
+        float(logs["loss"])  # wait for the last step
+
+    run(3)  # trace and warm up
+    return run
+
+
+def _peak_memory(run, steps=5):
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    run(steps)
+    return tf.config.experimental.get_memory_info("CPU:0")["peak"]
+
+
+def measure(backbone, num_tasks, jointly, blocks=7, steps=10):
+    tasks = [classification(f"task_{t}", 3) for t in range(num_tasks)]
+    hps = hard_sharing(backbone(), tasks, SHAPE, jointly)
+    mpps = progressive_sharing(backbone(), tasks, SHAPE, jointly, num_masked=6)
+    bound = flop_bound(mpps, num_tasks) if jointly else 1.0
+    runs = {"hps": _trainer(hps, num_tasks, jointly),
+            "mpps": _trainer(mpps, num_tasks, jointly)}
+    times = {name: [] for name in runs}
+    for _ in range(blocks):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(steps)
+            times[name].append((time.perf_counter() - start) / steps)
+    memory = {name: _peak_memory(run) for name, run in runs.items()}
+    step = {name: statistics.median(t) for name, t in times.items()}
+    return bound, step, memory
+
+
+def main():
+    keras.utils.set_random_seed(0)
+    print(f"batch {BATCH}, {SHAPE} inputs, {os.cpu_count()} CPU cores, "
+          f"TensorFlow {tf.__version__}; median of 7 blocks of 10 steps.\n")
+    print("| setting | T | B (FLOPs) | HPS ms/step | MPPS ms/step | time ratio "
+          "| ratio / B | peak MiB HPS | peak MiB MPPS | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, backbone, num_tasks, jointly in SETTINGS:
+        bound, step, memory = measure(backbone, num_tasks, jointly)
+        ratio = step["mpps"] / step["hps"]
+        print(f"| {name} | {num_tasks} | {bound:.2f} | {1e3 * step['hps']:.1f} "
+              f"| {1e3 * step['mpps']:.1f} | {ratio:.2f} | {ratio / bound:.2f} "
+              f"| {memory['hps'] / 2**20:.1f} | {memory['mpps'] / 2**20:.1f} "
+              f"| {memory['mpps'] / memory['hps']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""The README's Python examples run as written."""
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).parents[1] / "README.md"
+
+
+def test_readme_examples_run(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in blocks:
+        exec(block.replace("/tmp/", f"{tmp_path}/"), namespace)
+    assert (tmp_path / "mask.keras").exists()
+    assert (tmp_path / "mpps_export" / "model.tflite").exists()
