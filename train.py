@@ -60,10 +60,11 @@ def _strategy():
     return tf.distribute.get_strategy()
 
 
-def _fit(model, train, validation, test, callbacks, log_dir):
+def _fit(model, strategy, train, validation, test, callbacks, log_dir):
     import keras
 
-    model.compile(optimizer=_optimizer())
+    with strategy.scope():  # the optimizer's variables are mirrored too
+        model.compile(optimizer=_optimizer())
     verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
     history = model.fit(
         train, validation_data=validation, epochs=FLAGS.epochs, verbose=verbose,
@@ -84,7 +85,7 @@ def _train_single_tasks(data, tasks, input_shape, strategy, backbone, export_dir
         with strategy.scope():
             model = single_task(backbone(), task, input_shape)
         histories[task.name], task_results = _fit(
-            model, view(data.train), view(data.validation), view(data.test), [],
+            model, strategy, view(data.train), view(data.validation), view(data.test), [],
             os.path.join(FLAGS.output_dir, "logs", task.name),
         )
         results.update({k: v for k, v in task_results.items() if k != "loss"})
@@ -127,6 +128,7 @@ def main(argv):
     input_shape = tuple(data.train.element_spec[0].shape[1:])
     backbone = lambda: backbones.BACKBONES[FLAGS.backbone](FLAGS.width)
     strategy = _strategy()
+    print(f"{FLAGS.strategy} strategy: {strategy.num_replicas_in_sync} replicas")
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.output_dir, "export")
     os.makedirs(FLAGS.output_dir, exist_ok=True)
 
@@ -139,7 +141,7 @@ def main(argv):
             model, callbacks = METHODS[FLAGS.method](
                 FLAGS, backbone(), tasks, input_shape, data.jointly_labelled,
                 FLAGS.epochs)
-        history, results = _fit(model, data.train, data.validation, data.test,
+        history, results = _fit(model, strategy, data.train, data.validation, data.test,
                                 callbacks, os.path.join(FLAGS.output_dir, "logs"))
         export.export(model, export_dir)
         for callback in callbacks:

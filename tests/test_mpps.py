@@ -135,9 +135,8 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert got.draws.numpy() == ref.draws.numpy() == 16  # 4 epochs x 4 steps
 
 
-def test_mirrored_strategy_keeps_one_phi():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    with strategy.scope():
+def test_mirrored_strategy_keeps_one_phi(mirrored):
+    with mirrored.scope():
         model = _mpps()
     model.fit(_joint_data(), epochs=1, verbose=0,
               callbacks=[ExclusiveCapacityScheduler(2, "linear")])

@@ -220,10 +220,12 @@ class MultiTaskModel(keras.Model):
                     # Every replica adds the same term; the sum over replicas
                     # must count it once.
                     loss += tf.reduce_sum(weights * task_terms) / replicas
-        # `loss` is this replica's share: scaled back, its mean over replicas
-        # is the global objective.
+        # `loss` is this replica's share of the objective: scaled by the
+        # number of replicas and weighted alike on each, their mean is the
+        # objective, whatever share of the batch each replica holds.
+        global_batch = _all_replicas_sum(tf.cast(tf.shape(x)[0], tf.float32))
         self._loss_tracker.update_state(
-            loss * replicas, sample_weight=tf.shape(x)[0]
+            loss * replicas, sample_weight=global_batch / replicas
         )
         return loss
 
@@ -255,6 +257,12 @@ class MultiTaskModel(keras.Model):
 
     def evaluate(self, x=None, **kwargs):
         self.check_dataset(x, "x")
+        if not self.jointly_labelled and not float(tf.reduce_sum(self.task_frequencies)):
+            raise ValueError(
+                "The N_t / N weights of this non-jointly labelled model are "
+                "unknown: `fit` it first (it counts them on the training "
+                "data) or pass `task_frequencies`."
+            )
         return super().evaluate(x, **kwargs)
 
     def check_dataset(self, dataset, argument):

@@ -1,0 +1,179 @@
+"""Tests of `train.py`, run in-process through its absl flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+import train
+from tf_mtl import metrics
+from tf_mtl.tasks import classification
+
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("task_0", "task_1")
+FAST = ("--backbone=lenet", "--width=0.25", "--epochs=1", "--limit=64",
+        "--batch_size=32", "--verbose=0")
+
+
+def run_train(output_dir, *args):
+    """`python train.py --output_dir=... *args`, flags restored afterwards."""
+    with flagsaver.flagsaver():
+        FLAGS(["train.py", f"--output_dir={output_dir}", *FAST, *args])
+        train.main([])
+    return output_dir
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def assert_export(directory):
+    assert os.path.isfile(os.path.join(directory, "saved_model", "saved_model.pb"))
+    assert os.path.getsize(os.path.join(directory, "model.tflite")) > 0
+
+
+def assert_task_accuracies(results):
+    for task in TASKS:
+        assert 0.0 <= results[f"{task}_accuracy"] <= 1.0
+        assert results[f"{task}_loss"] > 0.0
+
+
+def test_hps_on_synthetic_writes_every_output(tmp_path, capsys):
+    out = run_train(tmp_path, "--method=hps", "--dataset=synthetic")
+
+    history = read_json(out / "history.json")["history"]
+    results = read_json(out / "results.json")
+    assert set(history) >= {"loss", "val_loss", "task_0_accuracy",
+                            "val_task_1_accuracy"}
+    assert all(len(values) == 1 for values in history.values())
+    assert_task_accuracies(results)
+    assert results["loss"] > 0.0
+    assert os.listdir(out / "logs")  # TensorBoard event folders.
+    assert_export(out / "export")
+    assert not (out / "ec.png").exists()
+    printed = capsys.readouterr().out
+    assert "accuracy   lowest" in printed
+    assert "hps on synthetic" in printed
+
+
+def test_stl_on_synthetic_groups_trains_and_exports_each_task(tmp_path):
+    out = run_train(tmp_path, "--method=stl", "--dataset=synthetic_groups")
+
+    history = read_json(out / "history.json")["history"]
+    results = read_json(out / "results.json")
+    assert set(history) == set(TASKS)
+    for task in TASKS:
+        assert set(history[task]) >= {"loss", f"{task}_loss", f"val_{task}_loss"}
+        assert os.listdir(out / "logs" / task)
+        assert_export(out / "export" / task)
+    assert_task_accuracies(results)
+    assert "loss" not in results  # Each run's total loss is its task's loss.
+
+
+def test_mpps_on_synthetic_groups_writes_the_capacity_figure(tmp_path):
+    out = run_train(tmp_path, "--method=mpps", "--dataset=synthetic_groups",
+                    "--epochs=3", "--mpps_frozen_start=1", "--mpps_frozen_end=1")
+
+    saved = read_json(out / "history.json")
+    assert_task_accuracies(read_json(out / "results.json"))
+    assert_export(out / "export")
+    assert os.path.getsize(out / "ec.png") > 0
+    assert not (out / "share_proportions.png").exists()  # Needs >= 3 tasks.
+    records = saved["mpps"]
+    assert [record["epoch"] for record in records] == [0, 1, 2]
+    assert all(0.0 < record["ec"] < 1.0 for record in records)
+    assert saved["history"]["ec"] == [record["ec"] for record in records]
+    # The target in force moves from exclusive (EC = 1 - eps) in the frozen
+    # first epoch to full sharing (EC = eps) in the frozen last one.
+    targets = [record["ec_target"] for record in records]
+    assert targets[0] == pytest.approx(0.99, abs=1e-4)
+    assert targets[-1] == pytest.approx(0.01, abs=1e-4)
+    assert targets == sorted(targets, reverse=True)
+
+
+def test_mpps_frozen_epochs_longer_than_training_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match=r"frozen_start=2 \+ frozen_end=1 > "
+                                         r"epochs=2"):
+        run_train(tmp_path, "--method=mpps", "--dataset=synthetic_groups",
+                  "--epochs=2", "--mpps_frozen_start=2", "--mpps_frozen_end=1")
+    assert not (tmp_path / "history.json").exists()
+
+
+def test_export_dir_flag_moves_the_export(tmp_path):
+    export_dir = tmp_path / "deploy"
+
+    out = run_train(tmp_path / "run", "--method=hps", "--dataset=synthetic",
+                    f"--export_dir={export_dir}")
+
+    assert_export(export_dir)
+    assert not (out / "export").exists()
+
+
+def test_reference_flag_prints_relative_improvement(tmp_path, capsys):
+    reference = tmp_path / "stl.json"
+    reference.write_text(json.dumps({"task_0_accuracy": 0.5,
+                                     "task_1_accuracy": 0.25}))
+
+    out = run_train(tmp_path / "run", "--method=hps", "--dataset=synthetic",
+                    f"--reference={reference}")
+
+    results = read_json(out / "results.json")
+    delta = metrics.relative_improvement(
+        results, read_json(reference),
+        metrics.directions([classification(t, 3) for t in TASKS]),
+    )
+    expected = 50.0 * ((results["task_0_accuracy"] - 0.5) / 0.5
+                       + (results["task_1_accuracy"] - 0.25) / 0.25)
+    assert delta == pytest.approx(expected)
+    assert f"Delta vs {reference}: {delta:+.2f}%" in capsys.readouterr().out
+
+
+def test_mirrored_strategy_flag_trains(tmp_path):
+    # A fresh process with two logical CPUs: a MirroredStrategy made after
+    # others in the same process can reuse their collective instance keys
+    # and fail with a shape mismatch (a TensorFlow limitation).
+    code = (
+        "import tensorflow as tf; "
+        "cpu = tf.config.list_physical_devices('CPU')[0]; "
+        "tf.config.set_logical_device_configuration("
+        "cpu, [tf.config.LogicalDeviceConfiguration()] * 2); "
+        "import train; from absl import app; app.run(train.main)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, f"--output_dir={tmp_path}", *FAST,
+         "--method=hps", "--dataset=synthetic", "--strategy=mirrored"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "mirrored strategy: 2 replicas" in done.stdout
+    assert_task_accuracies(read_json(tmp_path / "results.json"))
+    assert_export(tmp_path / "export")
+
+
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        ("--epochs=0", "--epochs=0: 0 is not a positive integer"),
+        ("--batch_size=0", "--batch_size=0"),
+        ("--width=0", "--width=0"),
+        ("--mpps_eps=0.5", "--mpps_eps=0.5"),
+        ("--mpps_schedule=step0", "--mpps_schedule must be separ"),
+        ("--method=mtan", "--method"),
+    ],
+)
+def test_flag_out_of_range_is_rejected(argument, message):
+    with flagsaver.flagsaver():
+        with pytest.raises(flags.IllegalFlagValueError, match=message):
+            FLAGS(["train.py", argument])
+
+
+def test_flag_set_out_of_range_is_rejected():
+    with flagsaver.flagsaver():
+        with pytest.raises(flags.IllegalFlagValueError, match="--epochs=0"):
+            FLAGS.epochs = 0
