@@ -29,6 +29,9 @@ flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.", lower_bound=1e-8)
 flags.DEFINE_integer("seed", 0, "Seed of data, initialisation and masks.", lower_bound=0)
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored"],
                   "tf.distribute strategy: default (one device) or mirrored (all local devices).")
+flags.DEFINE_enum("routing", "tiled", ["tiled", "sequential"],
+                  "How jointly labelled batches cross task-conditioned layers: one "
+                  "tiled pass (fastest) or one pass per task (least memory).")
 flags.DEFINE_string("output_dir", "runs/latest", "Where history, logs and figures go.")
 flags.DEFINE_string("export_dir", None, "Where the export goes (default: <output_dir>/export).")
 flags.DEFINE_string("data_dir", None, "Folder of the Fashion-MNIST IDX files.")

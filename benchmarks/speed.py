@@ -2,10 +2,13 @@
 
     .venv/bin/python benchmarks/speed.py > benchmarks/speed.md
 
-For each setting it builds an HPS and an MPPS model on the same backbone,
-times alternating blocks of training steps on the same random batch (so
-machine noise hits both alike) and reads TensorFlow's peak allocator memory
-over the steps. Beside the measured time ratio it prints the FLOP bound of
+For each setting it builds an HPS and an MPPS model on the same backbone
+(MPPS with both routings of jointly labelled batches: one tiled pass, and one
+forward-backward pass per task), times alternating blocks of training steps
+on the same random batch (so machine noise hits all alike) and reads
+TensorFlow's peak allocator memory over the steps. As a yardstick of the
+hardware it also times HPS on a T x B batch: on a CPU, time does not grow
+linearly with the batch, so the FLOP bound is not the whole story. Beside the measured time ratio it prints the FLOP bound of
 DESIGN.md,
 
     B = (stem + T * suffix + heads) / (stem + suffix + heads),
@@ -71,24 +74,24 @@ def flop_bound(model, num_tasks):
     return (stem + num_tasks * suffix + heads) / (stem + suffix + heads)
 
 
-def _batch(num_tasks, jointly):
+def _batch(num_tasks, jointly, size=BATCH):
     rng = np.random.default_rng(0)
-    x = rng.random((BATCH,) + SHAPE).astype("float32")
-    y = rng.integers(0, 3, BATCH).astype("int32")
+    x = rng.random((size,) + SHAPE).astype("float32")
+    y = rng.integers(0, 3, size).astype("int32")
     if jointly:
         data = (x, {f"task_{t}": y for t in range(num_tasks)})
     else:
-        data = (x, rng.integers(0, num_tasks, BATCH).astype("int32"), y)
+        data = (x, rng.integers(0, num_tasks, size).astype("int32"), y)
     return tf.data.Dataset.from_tensors(data).repeat()
 
 
-def _trainer(model, num_tasks, jointly):
+def _trainer(model, num_tasks, jointly, size=BATCH):
     model.compile(optimizer="adam")
     if not jointly:
         model.set_task_frequencies(np.ones(num_tasks))
     model.make_train_function()
     step = model.train_function
-    iterator = iter(_batch(num_tasks, jointly))
+    iterator = iter(_batch(num_tasks, jointly, size))
 
     def run(steps):
         for _ in range(steps):
@@ -106,12 +109,18 @@ def _peak_memory(run, steps=5):
 
 
 def measure(backbone, num_tasks, jointly, blocks=7, steps=10):
+    """Median step time and peak memory of each run, and B."""
     tasks = [classification(f"task_{t}", 3) for t in range(num_tasks)]
-    hps = hard_sharing(backbone(), tasks, SHAPE, jointly)
-    mpps = progressive_sharing(backbone(), tasks, SHAPE, jointly, num_masked=6)
-    bound = flop_bound(mpps, num_tasks) if jointly else 1.0
-    runs = {"hps": _trainer(hps, num_tasks, jointly),
-            "mpps": _trainer(mpps, num_tasks, jointly)}
+    mpps = lambda routing: progressive_sharing(
+        backbone(), tasks, SHAPE, jointly, num_masked=6, routing=routing)
+    hps = lambda: hard_sharing(backbone(), tasks, SHAPE, jointly)
+    runs = {"hps": _trainer(hps(), num_tasks, jointly),
+            "tiled": _trainer(mpps("tiled"), num_tasks, jointly)}
+    bound = 1.0
+    if jointly:
+        bound = flop_bound(mpps("tiled"), num_tasks)
+        runs["sequential"] = _trainer(mpps("sequential"), num_tasks, jointly)
+        runs["hps_tb"] = _trainer(hps(), num_tasks, jointly, num_tasks * BATCH)
     times = {name: [] for name in runs}
     for _ in range(blocks):
         for name, run in runs.items():
@@ -126,17 +135,27 @@ def measure(backbone, num_tasks, jointly, blocks=7, steps=10):
 def main():
     keras.utils.set_random_seed(0)
     print(f"batch {BATCH}, {SHAPE} inputs, {os.cpu_count()} CPU cores, "
-          f"TensorFlow {tf.__version__}; median of 7 blocks of 10 steps.\n")
-    print("| setting | T | B (FLOPs) | HPS ms/step | MPPS ms/step | time ratio "
-          "| ratio / B | peak MiB HPS | peak MiB MPPS | memory ratio |")
+          f"TensorFlow {tf.__version__}; median of 7 blocks of 10 steps. "
+          "Ratios are MPPS / HPS on the same batch; peak memory in MiB.\n")
+    print("| setting | T | B (FLOPs) | HPS ms/step | MPPS tiled: time ratio "
+          "(/ B) | memory ratio | MPPS sequential: time ratio (/ B) "
+          "| memory ratio | HPS on T x B rows: time ratio | peak MiB HPS |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, backbone, num_tasks, jointly in SETTINGS:
         bound, step, memory = measure(backbone, num_tasks, jointly)
-        ratio = step["mpps"] / step["hps"]
-        print(f"| {name} | {num_tasks} | {bound:.2f} | {1e3 * step['hps']:.1f} "
-              f"| {1e3 * step['mpps']:.1f} | {ratio:.2f} | {ratio / bound:.2f} "
-              f"| {memory['hps'] / 2**20:.1f} | {memory['mpps'] / 2**20:.1f} "
-              f"| {memory['mpps'] / memory['hps']:.2f} |", flush=True)
+        cells = []
+        for run in ("tiled", "sequential"):
+            if run in step:
+                ratio = step[run] / step["hps"]
+                cells += [f"{ratio:.2f} ({ratio / bound:.2f})",
+                          f"{memory[run] / memory['hps']:.2f}"]
+            else:
+                cells += ["-", "-"]
+        yardstick = (f"{step['hps_tb'] / step['hps']:.2f}" if "hps_tb" in step
+                     else "-")
+        print(f"| {name} | {num_tasks} | {bound:.2f} | {1e3 * step['hps']:.1f} | "
+              + " | ".join(cells) + f" | {yardstick} | "
+              f"{memory['hps'] / 2**20:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ from tf_mtl.backbones import Block
 from tf_mtl.layers.base import TaskConditioned, apply_conditioned
 
 
+ROUTINGS = ("tiled", "sequential")
+
+
 def tile_tasks(features, num_tasks):
     """Repeats a batch once per task: rows `[t*B, (t+1)*B)` belong to task t.
 
@@ -43,6 +46,20 @@ class MultiTaskModel(keras.Model):
       one pass over the training set's task ids, when `fit` starts (or given
       as `task_frequencies`).
 
+    How a jointly labelled training batch crosses the task-conditioned part
+    is `routing`:
+
+    - `"tiled"` (default): one pass over the T x B tiled rows. Fastest; the
+      conditioned part keeps T times the activations of hard sharing.
+    - `"sequential"`: the stem runs once, then the conditioned part and head
+      of each task run on the B rows, each followed at once by its backward
+      pass, with gradients accumulated (stem gradients from the summed
+      feature gradients). Same FLOPs, activation memory close to hard
+      sharing. Batch normalisation in the conditioned part then sees each
+      task's pass on its own, as in the paper's T forward passes.
+
+    Evaluation and inference always use one pass (`call`).
+
     The objective is `sum_t w_t * mean_t(loss_t)` (eq. 1, w_t the task's
     `loss_weight`, times N_t/N for non-jointly labelled data) plus the terms
     of the conditioned layers (`TaskConditioned.objective_terms`). Means are
@@ -59,6 +76,7 @@ class MultiTaskModel(keras.Model):
         jointly_labelled: which of the two data layouts above `fit` expects.
         task_frequencies: N_t / N for non-jointly labelled data; counted from
             the training data by `fit` when None.
+        routing: `"tiled"` or `"sequential"`, see above.
 
     Example:
 
@@ -69,8 +87,13 @@ class MultiTaskModel(keras.Model):
     """
 
     def __init__(self, backbone, tasks, input_shape, jointly_labelled=True,
-                 task_frequencies=None, **kwargs):
+                 task_frequencies=None, routing="tiled", **kwargs):
         super().__init__(**kwargs)
+        if routing not in ROUTINGS:
+            raise ValueError(
+                f"`routing` must be one of {ROUTINGS}. Received: routing={routing!r}"
+            )
+        self.routing = routing
         tasks = tuple(tasks)
         names = [task.name for task in tasks]
         if not tasks or len(set(names)) != len(names):
@@ -136,7 +159,10 @@ class MultiTaskModel(keras.Model):
     def features(self, x, task_ids=None, training=False):
         """Runs the backbone; returns the features and the task of each row
         (None when every row serves every task)."""
-        for layer in self.backbone:
+        return self._run(self.backbone, x, task_ids, training)
+
+    def _run(self, layers, x, task_ids, training):
+        for layer in layers:
             if task_ids is None and _routes_tasks(layer, training):
                 x, task_ids = tile_tasks(x, self.num_tasks)
             if isinstance(layer, TaskConditioned):
@@ -172,32 +198,34 @@ class MultiTaskModel(keras.Model):
             return weights
         return weights * tf.cast(self.task_frequencies, tf.float32)
 
-    def _step(self, data, training):
-        """Loss of one batch (this replica's share of it); updates metrics."""
+    def _unpack(self, data):
+        """`(x, task_ids or None, {task_name: labels})` of a batch."""
         if self.jointly_labelled:
             x, labels = data
-            task_ids = None
-        else:
-            x, task_ids, y = data
-            task_ids = tf.cast(task_ids, tf.int32)
-            labels = dict(zip(
-                self.task_names,
-                tf.dynamic_partition(y, task_ids, self.num_tasks),
-            ))
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        features, row_tasks = self.features(x, task_ids, training)
-        preds, rows = self._heads(features, row_tasks, training)
+            return x, None, labels
+        x, task_ids, y = data
+        task_ids = tf.cast(task_ids, tf.int32)
+        parts = tf.dynamic_partition(y, task_ids, self.num_tasks)
+        return x, task_ids, dict(zip(self.task_names, parts))
 
-        losses = []
-        for task in self.tasks:
-            y_true = labels[task.name]
-            if y_true.dtype.is_floating:
-                y_true = tf.debugging.assert_all_finite(
-                    y_true, f"NaN or Inf in the labels of task {task.name!r}"
-                )
-            losses.append(tf.cast(task.loss(y_true, preds[task.name]), tf.float32))
-            for metric in self._task_metrics[task.name][1:]:
-                metric.update_state(y_true, preds[task.name])
+    def _task_loss(self, task, y_true, y_pred):
+        """Per-example loss of one task; updates its metrics."""
+        if y_true.dtype.is_floating:
+            y_true = tf.debugging.assert_all_finite(
+                y_true, f"NaN or Inf in the labels of task {task.name!r}"
+            )
+        for metric in self._task_metrics[task.name][1:]:
+            metric.update_state(y_true, y_pred)
+        return tf.cast(task.loss(y_true, y_pred), tf.float32)
+
+    def _objective(self, losses, rows, row_tasks, training, task_mask):
+        """This replica's share of the objective.
+
+        `losses[t]` holds the per-row losses of task t, `rows[t]` their rows
+        (None when every row serves every task), `task_mask` the tasks whose
+        per-task terms this call owns. Updates the per-task loss metrics.
+        """
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         counts = tf.stack([tf.cast(tf.size(l), tf.float32) for l in losses])
         global_counts = tf.maximum(_all_replicas_sum(counts), 1.0)
         weights = self._task_weights()
@@ -207,7 +235,6 @@ class MultiTaskModel(keras.Model):
             self._task_metrics[task.name][0].update_state(
                 tf.math.divide_no_nan(total, count), sample_weight=count
             )
-
         active = [l for l in self.conditioned_layers if l.routes_tasks(training)]
         if active:
             row_losses = tf.dynamic_stitch(rows, losses)
@@ -219,25 +246,87 @@ class MultiTaskModel(keras.Model):
                 if task_terms is not None:
                     # Every replica adds the same term; the sum over replicas
                     # must count it once.
-                    loss += tf.reduce_sum(weights * task_terms) / replicas
+                    loss += tf.reduce_sum(task_mask * weights * task_terms) / replicas
+        return loss
+
+    def _track_loss(self, loss, x):
         # `loss` is this replica's share of the objective: scaled by the
         # number of replicas and weighted alike on each, their mean is the
         # objective, whatever share of the batch each replica holds.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         global_batch = _all_replicas_sum(tf.cast(tf.shape(x)[0], tf.float32))
         self._loss_tracker.update_state(
             loss * replicas, sample_weight=global_batch / replicas
         )
+
+    def _step(self, data, training):
+        """Loss of one batch in one pass (this replica's share)."""
+        x, task_ids, labels = self._unpack(data)
+        features, row_tasks = self.features(x, task_ids, training)
+        preds, rows = self._heads(features, row_tasks, training)
+        losses = [self._task_loss(t, labels[t.name], preds[t.name]) for t in self.tasks]
+        loss = self._objective(losses, rows, row_tasks, training,
+                               tf.ones([self.num_tasks]))
+        self._track_loss(loss, x)
         return loss
 
     def _logs(self):
         return {m.name: m.result() for m in self.metrics}
 
     def train_step(self, data):
-        with tf.GradientTape() as tape:
-            loss = self.optimizer.scale_loss(self._step(data, training=True))
-        variables = self.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        first = next((i for i, layer in enumerate(self.backbone)
+                      if _routes_tasks(layer, True)), None)
+        if self.routing == "sequential" and self.jointly_labelled and first is not None:
+            gradients = self._sequential_gradients(data, first)
+        else:
+            with tf.GradientTape() as tape:
+                loss = self.optimizer.scale_loss(self._step(data, training=True))
+            gradients = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
         return self._logs()
+
+    def _sequential_gradients(self, data, first):
+        """Gradients of the objective with one forward-backward pass of the
+        conditioned part per task (`routing="sequential"`)."""
+        x, _, labels = self._unpack(data)
+        stem, suffix = self.backbone[:first], self.backbone[first:]
+        with tf.GradientTape() as stem_tape:
+            shared, _ = self._run(stem, x, None, True)
+        stem_ids = {id(v) for layer in stem for v in layer.trainable_variables}
+        variables = self.trainable_variables
+        rest = [v for v in variables if id(v) not in stem_ids]
+        shared_grad = tf.zeros_like(shared)
+        accumulated = [tf.zeros_like(v) for v in rest]
+        batch = tf.shape(shared)[0]
+        no_rows = tf.zeros([0], tf.int32)
+        total = 0.0
+        for t, task in enumerate(self.tasks):
+            # Task t starts once task t - 1 is done: its activations can go.
+            with tf.control_dependencies([shared_grad] + accumulated):
+                inputs = tf.identity(shared)
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                row_tasks = tf.fill([batch], t)
+                features, _ = self._run(suffix, inputs, row_tasks, True)
+                pred = self.heads[task.name](features, training=True)
+                losses = [tf.zeros([0])] * self.num_tasks
+                losses[t] = self._task_loss(task, labels[task.name], pred)
+                rows = [no_rows] * self.num_tasks
+                rows[t] = tf.range(batch)
+                loss = self._objective(losses, rows, row_tasks, True,
+                                       tf.one_hot(t, self.num_tasks))
+                scaled = self.optimizer.scale_loss(loss)
+            grads = tape.gradient(scaled, [inputs] + rest)
+            shared_grad += grads[0]
+            accumulated = [a if g is None else a + tf.convert_to_tensor(g)
+                           for a, g in zip(accumulated, grads[1:])]
+            total += loss
+        self._track_loss(total, x)
+        stem_vars = [v for v in variables if id(v) in stem_ids]
+        stem_grads = stem_tape.gradient(shared, stem_vars, output_gradients=shared_grad)
+        by_id = dict(zip(map(id, rest), accumulated))
+        by_id.update(zip(map(id, stem_vars), stem_grads))
+        return [by_id[id(v)] for v in variables]
 
     def test_step(self, data):
         self._step(data, training=False)

@@ -15,7 +15,7 @@ from tf_mtl.model import MultiTaskModel
 def progressive_sharing(backbone, tasks, input_shape, jointly_labelled=True,
                         num_masked=6, distribution="bernoulli", eps=0.01,
                         beta=1.0, sample_per="task", baseline_decay=None,
-                        seed=0):
+                        seed=0, routing="tiled"):
     """An MPPS model.
 
     Args:
@@ -29,6 +29,8 @@ def progressive_sharing(backbone, tasks, input_shape, jointly_labelled=True,
         distribution, eps, beta, sample_per, baseline_decay: see
             `ProgressiveMask`.
         seed: seed of the first mask; mask i uses `seed + i`.
+        routing: `"tiled"` (fastest) or `"sequential"` (least memory), see
+            `MultiTaskModel`.
     """
     if int(num_masked) < 1:
         raise ValueError(f"`num_masked` must be >= 1. Received: {num_masked}")
@@ -41,7 +43,8 @@ def progressive_sharing(backbone, tasks, input_shape, jointly_labelled=True,
             sample_per=sample_per, baseline_decay=baseline_decay,
             seed=None if seed is None else seed + i, name=f"mpps_mask_{i}",
         ))
-    return MultiTaskModel(backbone, tasks, input_shape, jointly_labelled)
+    return MultiTaskModel(backbone, tasks, input_shape, jointly_labelled,
+                          routing=routing)
 
 
 def define_flags():
@@ -98,7 +101,7 @@ def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epoc
         backbone, tasks, input_shape, jointly_labelled,
         num_masked=f.mpps_layers, distribution=f.mpps_distribution,
         eps=f.mpps_eps, beta=f.mpps_beta, sample_per=f.mpps_sample_per,
-        baseline_decay=f.mpps_baseline_decay, seed=f.seed,
+        baseline_decay=f.mpps_baseline_decay, seed=f.seed, routing=f.routing,
     )
     scheduler = ExclusiveCapacityScheduler(
         epochs, f.mpps_schedule, f.mpps_frozen_start, f.mpps_frozen_end,
