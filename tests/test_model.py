@@ -95,7 +95,7 @@ def test_hard_sharing_never_tiles(training):
 def test_conditioned_layer_tiles_features_once_per_task(training):
     before, after = RowCounter(), RowCounter()
     dense, bias = keras.layers.Dense(4), TaskBias(2)
-    model = tf_mtl.tf_mtl.MultiTaskModel(
+    model = tf_mtl.MultiTaskModel(
         [keras.layers.Flatten(), before, dense, bias, after],
         two_tasks(), INPUT_SHAPE,
     )
@@ -119,7 +119,7 @@ def test_conditioned_layer_tiles_features_once_per_task(training):
 
 def test_conditioned_outputs_are_each_heads_on_its_tasks_rows():
     dense, bias = keras.layers.Dense(4), TaskBias(2)
-    model = tf_mtl.tf_mtl.MultiTaskModel(
+    model = tf_mtl.MultiTaskModel(
         [keras.layers.Flatten(), dense, bias], two_tasks(), INPUT_SHAPE
     )
     x = images(5)
@@ -136,7 +136,7 @@ def test_conditioned_outputs_are_each_heads_on_its_tasks_rows():
 
 def test_given_task_ids_are_used_without_tiling():
     dense, bias = keras.layers.Dense(4), TaskBias(2)
-    model = tf_mtl.tf_mtl.MultiTaskModel(
+    model = tf_mtl.MultiTaskModel(
         [keras.layers.Flatten(), dense, bias], two_tasks(), INPUT_SHAPE,
         jointly_labelled=False,
     )
@@ -154,7 +154,7 @@ def test_given_task_ids_are_used_without_tiling():
 def test_conditioned_site_of_a_block_tiles_before_the_block():
     counter, unit = RowCounter(), backbones.DenseUnit(4)
     unit.condition(0, TaskBias(2))
-    model = tf_mtl.tf_mtl.MultiTaskModel(
+    model = tf_mtl.MultiTaskModel(
         [keras.layers.Flatten(), counter, unit], two_tasks(), INPUT_SHAPE
     )
     counter.rows.clear()
@@ -184,7 +184,7 @@ def test_mask_identity_at_inference_routes_only_in_training():
 
 def test_rejects_duplicate_task_names():
     with pytest.raises(ValueError, match=r"distinct tasks.*\['a', 'a'\]"):
-        tf_mtl.tf_mtl.MultiTaskModel(
+        tf_mtl.MultiTaskModel(
             dense_backbone(), [classification("a", 2)] * 2, INPUT_SHAPE
         )
 
@@ -285,7 +285,7 @@ def test_non_joint_fit_counts_task_frequencies_exactly():
 
 def test_non_joint_fit_keeps_given_task_frequencies():
     splits = data.load("synthetic_groups", batch_size=64, limit=64)
-    model = tf_mtl.tf_mtl.MultiTaskModel(
+    model = tf_mtl.MultiTaskModel(
         backbones.lenet(0.25), two_tasks(), INPUT_SHAPE,
         jointly_labelled=False, task_frequencies=[1, 3],
     )
@@ -476,7 +476,7 @@ def test_regression_task_with_custom_loss_trains():
         "level", head=lambda: keras.layers.Dense(1),
         loss=lambda y_true, y_pred: tf.square(y_true - y_pred[:, 0]),
     )
-    model = tf_mtl.tf_mtl.MultiTaskModel(dense_backbone(), [task], INPUT_SHAPE)
+    model = tf_mtl.MultiTaskModel(dense_backbone(), [task], INPUT_SHAPE)
     model.compile(optimizer=keras.optimizers.SGD(0.01))
 
     losses = model.fit(dataset, epochs=3, verbose=0).history["level_loss"]

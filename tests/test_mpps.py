@@ -173,3 +173,21 @@ def test_export_is_the_hard_sharing_model(tmp_path):
         np.testing.assert_allclose(lite[name], expected[name], atol=1e-4)
     variables = [v.name for v in tf.saved_model.load(saved).inference_variables]
     assert not [v for v in variables if "probs" in v or "seed" in v]
+
+
+@pytest.mark.parametrize("mask_learning_rate", [None, 0.5])
+def test_mask_learning_rate_trains_phi_with_its_own_sgd(mask_learning_rate):
+    model = progressive_sharing(backbones.lenet(0.25), TASKS, (28, 28, 1),
+                                mask_learning_rate=mask_learning_rate)
+    model.compile(optimizer=keras.optimizers.Adam(0.0))  # network frozen
+    mask = model.conditioned_layers[0]
+    kernel = model.backbone[0].conv.kernel
+    before = mask.mask_probs.numpy(), kernel.numpy()
+    model.fit(_joint_data(), epochs=1, verbose=0)
+    np.testing.assert_array_equal(kernel.numpy(), before[1])
+    moved = not np.array_equal(mask.mask_probs.numpy(), before[0])
+    assert moved == (mask_learning_rate is not None)
+    if mask_learning_rate is not None:
+        optimizer, variables = mask.dedicated_optimizer()
+        assert isinstance(optimizer, keras.optimizers.SGD) and variables == [mask.mask_probs]
+        assert float(optimizer.learning_rate) == pytest.approx(0.5)

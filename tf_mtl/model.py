@@ -282,8 +282,41 @@ class MultiTaskModel(keras.Model):
             with tf.GradientTape() as tape:
                 loss = self.optimizer.scale_loss(self._step(data, training=True))
             gradients = tape.gradient(loss, self.trainable_variables)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        self._apply_gradients(gradients)
         return self._logs()
+
+    def _optimizer_of(self):
+        """`{id(variable): optimizer}` for every trainable variable: the
+        model's optimizer, except where a conditioned layer trains some with
+        its own (`TaskConditioned.dedicated_optimizer`)."""
+        owners = {id(v): self.optimizer for v in self.trainable_variables}
+        for layer in self.conditioned_layers:
+            dedicated = layer.dedicated_optimizer()
+            if dedicated is not None:
+                optimizer, variables = dedicated
+                owners.update({id(v): optimizer for v in variables})
+        return owners
+
+    def _apply_gradients(self, gradients):
+        owners = self._optimizer_of()
+        groups = {}
+        for gradient, variable in zip(gradients, self.trainable_variables):
+            optimizer = owners[id(variable)]
+            groups.setdefault(id(optimizer), (optimizer, []))[1].append(
+                (gradient, variable))
+        for optimizer, pairs in groups.values():
+            optimizer.apply_gradients(pairs)
+
+    def _build_optimizer(self):
+        """Builds the model's optimizer on the variables it trains, before a
+        checkpoint is restored into it (Keras would build it on all of them
+        and then refuse a checkpoint that holds fewer slots)."""
+        if self.optimizer is None or self.optimizer.built:
+            return
+        owners = self._optimizer_of()
+        with self.distribute_strategy.scope():
+            self.optimizer.build([v for v in self.trainable_variables
+                                  if owners[id(v)] is self.optimizer])
 
     def _sequential_gradients(self, data, first):
         """Gradients of the objective with one forward-backward pass of the
@@ -342,6 +375,7 @@ class MultiTaskModel(keras.Model):
             from tf_mtl.data import task_counts
 
             self.set_task_frequencies(task_counts(x, self.num_tasks))
+        self._build_optimizer()
         return super().fit(x, validation_data=validation_data, **kwargs)
 
     def evaluate(self, x=None, **kwargs):

@@ -22,6 +22,8 @@ class TaskConditioned(keras.layers.Layer):
       objective, as `(row_terms, task_terms)`. `row_terms` has one value per
       row and is weighted like that row's loss; `task_terms` has one value per
       task and is weighted like that task. Either may be None.
+    - `dedicated_optimizer()`: variables the layer trains with an optimizer
+      of its own, e.g. MPPS mask probabilities by plain SGD.
     """
 
     def routes_tasks(self, training):
@@ -29,6 +31,12 @@ class TaskConditioned(keras.layers.Layer):
 
     def objective_terms(self, row_losses, task_ids):
         return None, None
+
+    def dedicated_optimizer(self):
+        """`(optimizer, variables)` when this layer trains some of its
+        variables with an optimizer of its own (the model's skips them), or
+        None."""
+        return None
 
     def compute_output_shape(self, x_shape, task_ids_shape=None):
         return x_shape

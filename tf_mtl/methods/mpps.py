@@ -15,7 +15,7 @@ from tf_mtl.model import MultiTaskModel
 def progressive_sharing(backbone, tasks, input_shape, jointly_labelled=True,
                         num_masked=6, distribution="bernoulli", eps=0.01,
                         beta=1.0, sample_per="task", baseline_decay=None,
-                        seed=0, routing="tiled"):
+                        mask_learning_rate=0.01, seed=0, routing="tiled"):
     """An MPPS model.
 
     Args:
@@ -26,8 +26,8 @@ def progressive_sharing(backbone, tasks, input_shape, jointly_labelled=True,
         num_masked: k, the number of last sites that carry a mask; 6 in the
             paper (4.1, 4.3.1). A backbone with fewer sites is masked at all
             of them.
-        distribution, eps, beta, sample_per, baseline_decay: see
-            `ProgressiveMask`.
+        distribution, eps, beta, sample_per, baseline_decay,
+            mask_learning_rate: see `ProgressiveMask`.
         seed: seed of the first mask; mask i uses `seed + i`.
         routing: `"tiled"` (fastest) or `"sequential"` (least memory), see
             `MultiTaskModel`.
@@ -41,6 +41,7 @@ def progressive_sharing(backbone, tasks, input_shape, jointly_labelled=True,
         block.condition(site, ProgressiveMask(
             len(tasks), distribution=distribution, eps=eps, beta=beta,
             sample_per=sample_per, baseline_decay=baseline_decay,
+            mask_learning_rate=mask_learning_rate,
             seed=None if seed is None else seed + i, name=f"mpps_mask_{i}",
         ))
     return MultiTaskModel(backbone, tasks, input_shape, jointly_labelled,
@@ -75,6 +76,9 @@ def define_flags():
     flags.DEFINE_float("mpps_baseline_decay", None,
                        "Decay of the REINFORCE moving-average baseline; unset: none.",
                        lower_bound=0.0, upper_bound=0.999)
+    flags.DEFINE_float("mpps_mask_learning_rate", 0.01,
+                       "Train Phi by plain SGD at this rate; unset: the model's optimizer.",
+                       lower_bound=0.0)
     flags.DEFINE_bool("mpps_update_target", True,
                       "Algorithm 1's target update; false: 'without updating' (4.3.4).")
     flags.register_validator(
@@ -101,7 +105,8 @@ def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epoc
         backbone, tasks, input_shape, jointly_labelled,
         num_masked=f.mpps_layers, distribution=f.mpps_distribution,
         eps=f.mpps_eps, beta=f.mpps_beta, sample_per=f.mpps_sample_per,
-        baseline_decay=f.mpps_baseline_decay, seed=f.seed, routing=f.routing,
+        baseline_decay=f.mpps_baseline_decay,
+        mask_learning_rate=f.mpps_mask_learning_rate, seed=f.seed, routing=f.routing,
     )
     scheduler = ExclusiveCapacityScheduler(
         epochs, f.mpps_schedule, f.mpps_frozen_start, f.mpps_frozen_end,
