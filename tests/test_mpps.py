@@ -138,8 +138,8 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_mirrored_strategy_keeps_one_phi(mirrored):
     with mirrored.scope():
         model = _mpps()
-    model.fit(_joint_data(), epochs=1, verbose=0,
-              callbacks=[ExclusiveCapacityScheduler(2, "linear")])
+    model.fit(_joint_data(), epochs=2, verbose=0,
+              callbacks=[ExclusiveCapacityScheduler(2, "linear", 0, 0)])
     for mask in model.conditioned_layers:
         for variable in (mask.mask_probs, mask.target_probs):
             replicas = [v.numpy() for v in variable.value.values]
@@ -175,7 +175,7 @@ def test_export_is_the_hard_sharing_model(tmp_path):
     assert not [v for v in variables if "probs" in v or "seed" in v]
 
 
-@pytest.mark.parametrize("mask_learning_rate", [None, 0.5])
+@pytest.mark.parametrize("mask_learning_rate", [None, 0.01])
 def test_mask_learning_rate_trains_phi_with_its_own_sgd(mask_learning_rate):
     model = progressive_sharing(backbones.lenet(0.25), TASKS, (28, 28, 1),
                                 mask_learning_rate=mask_learning_rate)
@@ -190,4 +190,38 @@ def test_mask_learning_rate_trains_phi_with_its_own_sgd(mask_learning_rate):
     if mask_learning_rate is not None:
         optimizer, variables = mask.dedicated_optimizer()
         assert isinstance(optimizer, keras.optimizers.SGD) and variables == [mask.mask_probs]
-        assert float(optimizer.learning_rate) == pytest.approx(0.5)
+        assert float(optimizer.learning_rate) == pytest.approx(0.01)
+
+
+def test_bernoulli_mpps_under_mirrored_strategy_matches_one_device(mirrored):
+    # Dense backbone without BatchNormalization, so that splitting a batch
+    # between replicas changes nothing; one mask per task per step is the
+    # same on every replica and on one device.
+    def build():
+        backbone = [keras.layers.Flatten(), backbones.DenseUnit(16),
+                    backbones.DenseUnit(16)]
+        return progressive_sharing(backbone, TASKS, (28, 28, 1), baseline_decay=0.5)
+
+    single = build()
+    with mirrored.scope():
+        distributed = build()
+        distributed.set_weights(single.get_weights())
+        distributed.compile(optimizer=keras.optimizers.SGD(0.1))
+    single.compile(optimizer=keras.optimizers.SGD(0.1))
+    data = _joint_data(batch=32, n=96)
+    callbacks = lambda: [ExclusiveCapacityScheduler(2, "linear", 0, 0)]
+    expected = single.fit(data, epochs=2, verbose=0, callbacks=callbacks()).history
+    got = distributed.fit(data, epochs=2, verbose=0, callbacks=callbacks()).history
+    for key in ("loss", "task_0_loss", "task_1_accuracy", "ec"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, err_msg=key)
+    for a, b in zip(single.conditioned_layers, distributed.conditioned_layers):
+        # Phi moved by the score function and the KL alike on both.
+        assert not np.allclose(a.mask_probs.numpy(), exclusive_init(2, 16, 0.01))
+        np.testing.assert_allclose(b.mask_probs.numpy(), a.mask_probs.numpy(),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_scheduler_must_span_the_fit():
+    with pytest.raises(ValueError, match="epochs=3 but fit runs epochs=2"):
+        _mpps().fit(_joint_data(), epochs=2, verbose=0,
+                    callbacks=[ExclusiveCapacityScheduler(3, "linear")])

@@ -220,3 +220,27 @@ def test_projection_keeps_phi_in_range():
     optimizer.apply_gradients([(tf.constant([[-1.0, 1, 0], [1, -1, 0]]), layer.mask_probs)])
     phi = layer.mask_probs.numpy()
     assert phi.min() == pytest.approx(0.01) and phi.max() == pytest.approx(0.99)
+
+
+def test_baseline_removes_the_loss_level_from_the_score():
+    # A constant loss has zero true gradient; once the baseline holds it,
+    # the score-function term gives exactly zero, whatever was sampled.
+    layer = _mask(PHI, baseline_decay=0.9, beta=0.0, seed=4)
+    layer.baseline.assign([2.5, 2.5])
+    task_ids = tf.constant([0, 1] * 50)
+    with tf.GradientTape() as tape:
+        layer(tf.ones((100, 3)), task_ids, training=True)
+        row_terms, _ = layer.objective_terms(tf.fill([100], 2.5), task_ids)
+        loss = tf.reduce_sum(row_terms)
+    np.testing.assert_array_equal(tape.gradient(loss, layer.mask_probs), 0.0)
+
+
+def test_gaussian_mask_moments():
+    phi = np.array([[0.99, 0.2], [0.5, 0.8]], "float32")
+    layer = _mask(phi, distribution="gaussian", sample_per="example", seed=9)
+    rows = 20000
+    out = layer(tf.ones((rows, 2)), tf.zeros(rows, tf.int32), training=True).numpy()
+    assert (out[:, 0] == 1).all()  # task 0 owns channel 0
+    # Guest channel 1 of task 0: N(1, r(0.2)^2), r(0.2) = 2.
+    assert out[:, 1].mean() == pytest.approx(1.0, abs=0.05)
+    assert out[:, 1].std() == pytest.approx(2.0, rel=0.03)

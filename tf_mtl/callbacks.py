@@ -12,7 +12,8 @@ from tf_mtl.layers.progressive_mask import (
     rescale_capacity,
 )
 
-SCHEDULES = ("separ", "fullshare", "linear", "quad", "stepN")
+FIXED_SCHEDULES = ("separ", "fullshare", "linear", "quad")
+SCHEDULES = FIXED_SCHEDULES + ("stepN",)
 
 
 def sharing_progress(schedule, epoch, epochs, frozen_start=0, frozen_end=0):
@@ -31,7 +32,7 @@ def sharing_progress(schedule, epoch, epochs, frozen_start=0, frozen_end=0):
     The paper does not say which way Quad bends; `u^2` keeps the target
     exclusive longest, in the spirit of the curriculum.
     """
-    name, courses = _parse(schedule)
+    name, courses = parse_schedule(schedule)
     if name == "separ":
         return 0.0
     if name == "fullshare":
@@ -50,11 +51,12 @@ def sharing_progress(schedule, epoch, epochs, frozen_start=0, frozen_end=0):
     return u * u if name == "quad" else u
 
 
-def _parse(schedule):
+def parse_schedule(schedule):
+    """`(name, courses)` of a schedule name; raises on an unknown one."""
     match = re.fullmatch(r"step([1-9][0-9]*)", schedule)
     if match:
         return "step", int(match.group(1))
-    if schedule in SCHEDULES[:-1]:
+    if schedule in FIXED_SCHEDULES:
         return schedule, None
     raise ValueError(
         f"Unknown EC schedule {schedule!r}: expected one of separ, fullshare, "
@@ -100,7 +102,7 @@ class ExclusiveCapacityScheduler(keras.callbacks.Callback):
     def __init__(self, epochs, schedule="linear", frozen_start=0, frozen_end=0,
                  update_target=True):
         super().__init__()
-        _parse(schedule)
+        parse_schedule(schedule)
         if frozen_start < 0 or frozen_end < 0 or frozen_start + frozen_end > epochs:
             raise ValueError(
                 "Frozen epochs must be >= 0 and fit in the training: "
@@ -113,6 +115,14 @@ class ExclusiveCapacityScheduler(keras.callbacks.Callback):
         self.frozen_end = frozen_end
         self.update_target = update_target
         self.history = []
+
+    def on_train_begin(self, logs=None):
+        epochs = (self.params or {}).get("epochs")
+        if epochs is not None and epochs != self.epochs:
+            raise ValueError(
+                f"ExclusiveCapacityScheduler spans epochs={self.epochs} but "
+                f"fit runs epochs={epochs}: give it the same number."
+            )
 
     def _masks(self):
         masks = [l for l in self.model.conditioned_layers

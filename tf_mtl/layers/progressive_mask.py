@@ -5,6 +5,8 @@ ICCV 2023 (papers/001; appendix papers/000). Section and equation numbers
 below are the paper's.
 """
 
+import threading
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -114,8 +116,8 @@ class ProgressiveMask(TaskConditioned):
     `m = 1 + r(phi) * e` for the Gaussian, and by the score function
     (REINFORCE, 3.4) for the Bernoulli, through the surrogate
     `stop_gradient(L_i - b_t) * log q_Phi(m_i, t)` per row, with
-    `b_t` an optional moving average of task t's loss (`baseline_decay`; the
-    paper uses none). The owner's mask is deterministic and adds no
+    `b_t` a moving average of task t's loss (`baseline_decay`; the paper
+    uses none). The owner's mask is deterministic and adds no
     log-probability.
 
     Args:
@@ -125,18 +127,19 @@ class ProgressiveMask(TaskConditioned):
         eps: clipping of the probabilities, 0.01 in the paper.
         beta: coefficient of the KL term (appendix 7.4), default 1.
         sample_per: `"task"` (default) or `"example"`.
-        baseline_decay: None (default) or a decay in [0, 1) for the
-            moving-average REINFORCE baseline.
+        baseline_decay: decay in [0, 1) of the moving-average REINFORCE
+            baseline (default 0.9), or None for the paper's plain estimator.
+            The baseline matters more here than usual: Phi is projected onto
+            [eps, 1 - eps], and at a guest's phi = eps the rare sample m = 1
+            brings a step ~1/eps times larger than the common m = 0 one; the
+            projection cuts the large steps, so without a baseline the loss
+            level alone drifts guests upwards.
         mask_learning_rate: Phi is trained by plain SGD at this rate
             (default 0.01; section 3.4 trains Phi "by stochastic gradient
             descent"), whatever optimizer trains the network; None trains Phi
             with the model's optimizer. Adam moves a parameter by about its
-            learning rate per step however hard the KL term pulls: with Adam
-            at 1e-3, Phi lagged the Linear schedule of a 6-epoch MultiFashion
-            run by epochs (EC 0.47 at the end against a target of 0.01) and
-            the fully shared network validated at 0.71 / 0.68 accuracy; SGD
-            at 0.01 follows the target within 0.01 EC and validates at
-            0.83 / 0.82 (0.1: the same accuracy, noisier EC).
+            learning rate per step however hard the KL term pulls, so under
+            Adam Phi lags a short schedule by epochs (see the README).
         seed: seed of the mask samples (random when None, then kept in the
             config). Draw i uses the stateless seed `(seed, i)`, and the
             draw count is a weight, so a run resumed from a checkpoint draws
@@ -154,7 +157,7 @@ class ProgressiveMask(TaskConditioned):
     """
 
     def __init__(self, num_tasks, distribution="bernoulli", eps=0.01, beta=1.0,
-                 sample_per="task", baseline_decay=None, mask_learning_rate=0.01,
+                 sample_per="task", baseline_decay=0.9, mask_learning_rate=0.01,
                  seed=None, **kwargs):
         super().__init__(**kwargs)
         if int(num_tasks) < 2:
@@ -194,7 +197,12 @@ class ProgressiveMask(TaskConditioned):
         self.mask_learning_rate = mask_learning_rate
         self._mask_optimizer = None
         self.seed = int(np.random.randint(2**31 - 1) if seed is None else seed)
-        self._sample_log_prob = None
+        # The log-probability of the masks of the last call, for the score
+        # function in `objective_terms`. Thread-local: MirroredStrategy traces
+        # each replica's step in its own thread and switches threads at
+        # every cross-replica call, so one attribute would be overwritten by
+        # another replica between the forward pass and the loss.
+        self._last_sample = threading.local()
 
     def build(self, x_shape, task_ids_shape=None):
         channels = x_shape[-1]
@@ -274,8 +282,7 @@ class ProgressiveMask(TaskConditioned):
             if self.distribution == "bernoulli":
                 log_prob = tf.gather(log_prob, task_ids)
         if self.distribution == "bernoulli":
-            # Read by `objective_terms` in the same step (score function).
-            self._sample_log_prob = log_prob
+            self._last_sample.log_prob = log_prob
         channels = mask.shape[-1]
         mask = tf.reshape(mask, [-1] + [1] * (len(x.shape) - 2) + [channels])
         return x * tf.cast(mask, x.dtype)
@@ -303,7 +310,7 @@ class ProgressiveMask(TaskConditioned):
             self._update_baseline(row_losses, task_ids)
         # Zero in value, so the logged loss stays eq. (3); its gradient is
         # the score-function estimate.
-        log_prob = self._sample_log_prob
+        log_prob = self._last_sample.log_prob
         return tf.stop_gradient(advantage) * (log_prob - tf.stop_gradient(log_prob)), kl
 
     def _update_baseline(self, row_losses, task_ids):

@@ -14,7 +14,7 @@ from tf_mtl.model import MultiTaskModel
 
 def progressive_sharing(backbone, tasks, input_shape, jointly_labelled=True,
                         num_masked=6, distribution="bernoulli", eps=0.01,
-                        beta=1.0, sample_per="task", baseline_decay=None,
+                        beta=1.0, sample_per="task", baseline_decay=0.9,
                         mask_learning_rate=0.01, seed=0, routing="tiled"):
     """An MPPS model.
 
@@ -61,8 +61,8 @@ def define_flags():
     flags.DEFINE_string("mpps_schedule", "linear",
                         "EC schedule: separ, fullshare, linear, quad or stepN.")
     # The paper freezes 15-25 of 200 epochs; one epoch at each end is the
-    # nearest share for short runs, and the last epoch then trains the fully
-    # shared target that inference uses.
+    # nearest share for short runs. With the exclusive first course and the
+    # fully shared last one, 8 epochs then train 2 at each end.
     flags.DEFINE_integer("mpps_frozen_start", 1, "Frozen epochs at the start (4.3.2).",
                          lower_bound=0)
     flags.DEFINE_integer("mpps_frozen_end", 1, "Frozen epochs at the end (4.3.2).",
@@ -73,12 +73,13 @@ def define_flags():
                        lower_bound=1e-6, upper_bound=0.49)
     flags.DEFINE_enum("mpps_sample_per", "task", SAMPLE_PER,
                       "One mask per task per step (Algorithm 1) or per example.")
-    flags.DEFINE_float("mpps_baseline_decay", None,
-                       "Decay of the REINFORCE moving-average baseline; unset: none.",
+    flags.DEFINE_float("mpps_baseline_decay", 0.9,
+                       "Decay of the REINFORCE moving-average baseline; 0: none "
+                       "(the paper's plain estimator).",
                        lower_bound=0.0, upper_bound=0.999)
     flags.DEFINE_float("mpps_mask_learning_rate", 0.01,
-                       "Train Phi by plain SGD at this rate; unset: the model's optimizer.",
-                       lower_bound=0.0)
+                       "Train Phi by plain SGD at this rate; 0: with the model's "
+                       "optimizer.", lower_bound=0.0)
     flags.DEFINE_bool("mpps_update_target", True,
                       "Algorithm 1's target update; false: 'without updating' (4.3.4).")
     flags.register_validator(
@@ -87,10 +88,10 @@ def define_flags():
 
 
 def _valid_schedule(name):
-    from tf_mtl.callbacks import sharing_progress
+    from tf_mtl.callbacks import parse_schedule
 
     try:
-        sharing_progress(name, 0, 1)
+        parse_schedule(name)
     except ValueError:
         return False
     return True
@@ -105,8 +106,9 @@ def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epoc
         backbone, tasks, input_shape, jointly_labelled,
         num_masked=f.mpps_layers, distribution=f.mpps_distribution,
         eps=f.mpps_eps, beta=f.mpps_beta, sample_per=f.mpps_sample_per,
-        baseline_decay=f.mpps_baseline_decay,
-        mask_learning_rate=f.mpps_mask_learning_rate, seed=f.seed, routing=f.routing,
+        baseline_decay=f.mpps_baseline_decay or None,
+        mask_learning_rate=f.mpps_mask_learning_rate or None, seed=f.seed,
+        routing=f.routing,
     )
     scheduler = ExclusiveCapacityScheduler(
         epochs, f.mpps_schedule, f.mpps_frozen_start, f.mpps_frozen_end,
