@@ -13,9 +13,11 @@ DESIGN.md,
 
     B = (stem + T * suffix + heads) / (stem + suffix + heads),
 
-with stem = the layers before the first mask (run once), suffix = the masked
-layers (run on the task-tiled batch), counted from the forward graph by
-TensorFlow's profiler. Non-jointly labelled batches are never tiled (B = 1).
+with stem = everything before the first mask (run once; within a block, the
+convolution and normalisation before the mask too), suffix = the rest (run on
+the task-tiled batch): the FLOPs of the MPPS training forward graph over those
+of HPS, counted by TensorFlow's profiler. Non-jointly labelled batches are
+never tiled (B = 1).
 """
 
 import os
@@ -31,7 +33,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tf_mtl import backbones  # noqa: E402
-from tf_mtl.backbones import Block  # noqa: E402
 from tf_mtl.methods import hard_sharing, progressive_sharing  # noqa: E402
 from tf_mtl.tasks import classification  # noqa: E402
 
@@ -55,23 +56,13 @@ def _flops(fn, spec):
     return model_analyzer.profile(graph, options=options).total_float_ops
 
 
-def flop_bound(model, num_tasks):
-    """B of DESIGN.md from the forward FLOPs of stem, suffix and heads."""
-    layers = model.backbone
-    first = next(i for i, l in enumerate(layers)
-                 if isinstance(l, Block) and l.conditioned_layers())
-
-    def run(x, upto):
-        for layer in layers[:upto]:
-            x = layer(x, training=False)
-        return x
-
+def flop_bound(mpps, hps):
+    """B of DESIGN.md: FLOPs of the MPPS training forward pass over those of
+    hard sharing. The MPPS pass tiles the batch at the first mask, so its
+    FLOPs are stem + T * suffix + heads (plus the few of the masks)."""
     spec = tf.TensorSpec((BATCH,) + SHAPE)
-    stem = _flops(lambda x: run(x, first), spec) if first else 0
-    body = _flops(lambda x: run(x, len(layers)), spec)
-    total = _flops(lambda x: model(x, training=False), spec)
-    suffix, heads = body - stem, total - body
-    return (stem + num_tasks * suffix + heads) / (stem + suffix + heads)
+    forward = lambda model: _flops(lambda x: model(x, training=True), spec)
+    return forward(mpps) / forward(hps)
 
 
 def _batch(num_tasks, jointly, size=BATCH):
@@ -118,7 +109,7 @@ def measure(backbone, num_tasks, jointly, blocks=7, steps=10):
             "tiled": _trainer(mpps("tiled"), num_tasks, jointly)}
     bound = 1.0
     if jointly:
-        bound = flop_bound(mpps("tiled"), num_tasks)
+        bound = flop_bound(mpps("tiled"), hps())
         runs["sequential"] = _trainer(mpps("sequential"), num_tasks, jointly)
         runs["hps_tb"] = _trainer(hps(), num_tasks, jointly, num_tasks * BATCH)
     times = {name: [] for name in runs}

@@ -33,7 +33,8 @@ class TaskBias(TaskConditioned):
         )
 
     def call(self, x, task_ids, training=None):
-        return x + tf.gather(self.bias, task_ids)
+        bias = tf.gather(self.bias, task_ids)
+        return x + tf.reshape(bias, [-1] + [1] * (len(x.shape) - 2) + [x.shape[-1]])
 
 
 class RowCounter(keras.layers.Layer):
@@ -520,3 +521,40 @@ def test_sequential_routing_trains_like_tiled_routing():
 def test_unknown_routing():
     with pytest.raises(ValueError, match="routing"):
         tf_mtl.MultiTaskModel(dense_backbone(), two_tasks(), INPUT_SHAPE, routing="looped")
+
+
+class CountingDense(keras.layers.Dense):
+    """A Dense layer that records the rows of every eager call."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(units, **kwargs)
+        self.rows = []
+
+    def call(self, x):
+        self.rows.append(x.shape[0])
+        return super().call(x)
+
+
+def test_block_tiles_at_its_site_after_the_task_independent_layer():
+    unit = backbones.DenseUnit(4)
+    unit.dense = CountingDense(4)
+    unit.condition(0, TaskBias(2))
+    model = tf_mtl.MultiTaskModel([keras.layers.Flatten(), unit], two_tasks(),
+                                  INPUT_SHAPE)
+    unit.dense.rows.clear()
+    features, task_ids = model.features(images(3), training=True)
+    assert unit.dense.rows == [3]  # the dense layer ran once, before tiling
+    assert tuple(features.shape) == (6, 4)
+    np.testing.assert_array_equal(task_ids, [0, 0, 0, 1, 1, 1])
+
+
+@pytest.mark.parametrize("site", [0, 1])
+def test_residual_block_tiled_inside_equals_tiled_before(site):
+    unit = backbones.ResidualUnit(4, strides=2)
+    unit.condition(site, TaskBias(2))
+    x = tf.constant(images(3)[..., :1].repeat(4, -1))
+    inside, ids = unit(x, None, training=False, num_tasks=2)
+    before, _ = unit(tf.concat([x, x], 0), tf.constant([0, 0, 0, 1, 1, 1]),
+                     training=False, num_tasks=2)
+    np.testing.assert_array_equal(ids, [0, 0, 0, 1, 1, 1])
+    np.testing.assert_allclose(inside, before, rtol=1e-6, atol=1e-6)

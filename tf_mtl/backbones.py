@@ -6,11 +6,16 @@ its task-conditioned layer (an MPPS mask, a roaming partition). The Maximum
 Roaming reference code masks there, and for a Bernoulli mask it is the same as
 masking the neuron's output. A backbone is a list of layers; `sites(backbone)`
 lists its sites in forward order and `Block.condition` fills one.
+
+Blocks are called as `block(x, task_ids, training=..., num_tasks=T)` and
+return `(x, task_ids)`: a batch serving every task (`task_ids` None) is tiled
+at the first site that needs task ids, so the convolution and normalisation
+before it run once for all tasks.
 """
 
 import keras
 
-from tf_mtl.layers.base import apply_conditioned
+from tf_mtl.layers.base import apply_conditioned, tile_tasks
 
 
 def _norm():
@@ -51,9 +56,11 @@ class Block(keras.layers.Layer):
     def conditioned_layers(self):
         return list(self.conditioned.values())
 
-    def _site(self, site, x, task_ids, training):
+    def _site(self, site, x, task_ids, training, num_tasks):
         layer = self.conditioned.get(str(site))
-        return x if layer is None else apply_conditioned(layer, x, task_ids, training)
+        if layer is None:
+            return x, task_ids
+        return apply_conditioned(layer, x, task_ids, training, num_tasks)
 
 
 class ConvUnit(Block):
@@ -74,10 +81,11 @@ class ConvUnit(Block):
     def site_channels(self):
         return (self.filters,)
 
-    def call(self, x, task_ids=None, training=None):
+    def call(self, x, task_ids=None, training=None, num_tasks=None):
         x = self.norm(self.conv(x), training=training)
-        x = self.activation(self._site(0, x, task_ids, training))
-        return self.pool(x) if self.pool is not None else x
+        x, task_ids = self._site(0, x, task_ids, training, num_tasks)
+        x = self.activation(x)
+        return (self.pool(x) if self.pool is not None else x), task_ids
 
 
 class DenseUnit(Block):
@@ -93,8 +101,9 @@ class DenseUnit(Block):
     def site_channels(self):
         return (self.units,)
 
-    def call(self, x, task_ids=None, training=None):
-        return self.activation(self._site(0, self.dense(x), task_ids, training))
+    def call(self, x, task_ids=None, training=None, num_tasks=None):
+        x, task_ids = self._site(0, self.dense(x), task_ids, training, num_tasks)
+        return self.activation(x), task_ids
 
 
 class ResidualUnit(Block):
@@ -125,12 +134,15 @@ class ResidualUnit(Block):
                 _norm(),
             ])
 
-    def call(self, x, task_ids=None, training=None):
+    def call(self, x, task_ids=None, training=None, num_tasks=None):
         skip = x if self.shortcut is None else self.shortcut(x, training=training)
         h = self.norm1(self.conv1(x), training=training)
-        h = keras.ops.relu(self._site(0, h, task_ids, training))
-        h = self.norm2(self.conv2(h), training=training)
-        return keras.ops.relu(self._site(1, h, task_ids, training) + skip)
+        h, ids = self._site(0, h, task_ids, training, num_tasks)
+        h = self.norm2(self.conv2(keras.ops.relu(h)), training=training)
+        h, ids = self._site(1, h, ids, training, num_tasks)
+        if task_ids is None and ids is not None:  # tiled inside this block
+            skip, _ = tile_tasks(skip, num_tasks)
+        return keras.ops.relu(h + skip), ids
 
 
 def sites(backbone):

@@ -11,17 +11,6 @@ from tf_mtl.layers.base import TaskConditioned, apply_conditioned
 ROUTINGS = ("tiled", "sequential")
 
 
-def tile_tasks(features, num_tasks):
-    """Repeats a batch once per task: rows `[t*B, (t+1)*B)` belong to task t.
-
-    This is where a jointly labelled batch enters the task-conditioned part
-    of a backbone: everything before it ran once for all tasks.
-    """
-    batch = tf.shape(features)[0]
-    task_ids = tf.repeat(tf.range(num_tasks, dtype=tf.int32), batch)
-    return tf.concat([features] * num_tasks, axis=0), task_ids
-
-
 def _all_replicas_sum(value):
     context = tf.distribute.get_replica_context()
     if context is None:  # cross-replica context: nothing to reduce
@@ -163,12 +152,12 @@ class MultiTaskModel(keras.Model):
 
     def _run(self, layers, x, task_ids, training):
         for layer in layers:
-            if task_ids is None and _routes_tasks(layer, training):
-                x, task_ids = tile_tasks(x, self.num_tasks)
-            if isinstance(layer, TaskConditioned):
-                x = apply_conditioned(layer, x, task_ids, training)
-            elif isinstance(layer, Block):
-                x = layer(x, task_ids, training=training)
+            if isinstance(layer, Block):
+                x, task_ids = layer(x, task_ids, training=training,
+                                    num_tasks=self.num_tasks)
+            elif isinstance(layer, TaskConditioned):
+                x, task_ids = apply_conditioned(layer, x, task_ids, training,
+                                                self.num_tasks)
             else:
                 x = layer(x, training=training)
         return x, task_ids

@@ -1,6 +1,18 @@
 """The contract every task-conditioned layer follows."""
 
 import keras
+import tensorflow as tf
+
+
+def tile_tasks(features, num_tasks):
+    """Repeats a batch once per task: rows `[t*B, (t+1)*B)` belong to task t.
+
+    This is where a jointly labelled batch enters the task-conditioned part
+    of a backbone: everything before it ran once for all tasks.
+    """
+    batch = tf.shape(features)[0]
+    task_ids = tf.repeat(tf.range(num_tasks, dtype=tf.int32), batch)
+    return tf.concat([features] * num_tasks, axis=0), task_ids
 
 
 class TaskConditioned(keras.layers.Layer):
@@ -42,9 +54,13 @@ class TaskConditioned(keras.layers.Layer):
         return x_shape
 
 
-def apply_conditioned(layer, x, task_ids, training):
-    """Calls a conditioned layer where it routes tasks; elsewhere it is the
-    identity and is not traced at all (no mask op in an inference graph)."""
+def apply_conditioned(layer, x, task_ids, training, num_tasks):
+    """Calls a conditioned layer where it routes tasks, first tiling a batch
+    that serves every task (`task_ids` None); returns `(x, task_ids)`.
+    Where the layer does not route it is the identity and is not traced at
+    all (no mask op in an inference graph)."""
     if not layer.routes_tasks(training):
-        return x
-    return layer(x, task_ids, training=training)
+        return x, task_ids
+    if task_ids is None:
+        x, task_ids = tile_tasks(x, num_tasks)
+    return layer(x, task_ids, training=training), task_ids
