@@ -160,10 +160,13 @@ def test_export_is_the_hard_sharing_model(tmp_path):
         plain = [v for v in source.weights if "mpps_mask" not in v.path]
         for s, t in zip(plain, target.weights):
             t.assign(s)
-    saved, tflite = export.export(model, str(tmp_path))
+    saved, tflite = export.export(model, str(tmp_path / "mpps"))
+    hps_saved, _ = export.export(hps, str(tmp_path / "hps"))
     ops = export.graph_op_types(saved)
-    assert not {op for op in ops if "Random" in op or "Bernoulli" in op or "Where" in op}
-    assert "Select" not in ops or "SelectV2" not in ops
+    # No sampling, owner (ArgMax, OneHot), gather or select op of the masks:
+    # the very op set of the hard-sharing export.
+    assert ops == export.graph_op_types(hps_saved)
+    assert not {op for op in ops if "Random" in op or op in ("ArgMax", "OneHot", "GatherV2")}
     x = np.random.default_rng(0).random((5, 28, 28, 1)).astype("float32")
     served = tf.saved_model.load(saved).signatures["serving_default"](image=tf.constant(x))
     lite = tf.lite.Interpreter(model_path=tflite).get_signature_runner()(image=x)
@@ -225,3 +228,15 @@ def test_scheduler_must_span_the_fit():
     with pytest.raises(ValueError, match="epochs=3 but fit runs epochs=2"):
         _mpps().fit(_joint_data(), epochs=2, verbose=0,
                     callbacks=[ExclusiveCapacityScheduler(3, "linear")])
+
+
+def test_phi_steps_do_not_depend_on_loss_scaling():
+    phis = []
+    for scale in (None, 128.0):
+        keras.utils.set_random_seed(0)
+        model = progressive_sharing(backbones.lenet(0.25), TASKS, (28, 28, 1))
+        model.compile(optimizer=keras.optimizers.Adam(1e-3, loss_scale_factor=scale))
+        model.fit(_joint_data(), epochs=1, verbose=0)
+        phis.append(model.conditioned_layers[0].mask_probs.numpy())
+    assert not np.allclose(phis[0], exclusive_init(*phis[0].shape, 0.01))
+    np.testing.assert_allclose(phis[1], phis[0], rtol=1e-4, atol=1e-6)

@@ -134,7 +134,11 @@ def test_reference_flag_prints_relative_improvement(tmp_path, capsys):
     assert f"Delta vs {reference}: {delta:+.2f}%" in capsys.readouterr().out
 
 
-def test_mirrored_strategy_flag_trains(tmp_path):
+@pytest.mark.parametrize("method", [
+    ["--method=hps"],
+    ["--method=mpps", "--mpps_frozen_start=0", "--mpps_frozen_end=0"],
+])
+def test_mirrored_strategy_flag_trains(tmp_path, method):
     # A fresh process with two logical CPUs: a MirroredStrategy made after
     # others in the same process can reuse their collective instance keys
     # and fail with a shape mismatch (a TensorFlow limitation).
@@ -147,7 +151,7 @@ def test_mirrored_strategy_flag_trains(tmp_path):
     )
     done = subprocess.run(
         [sys.executable, "-c", code, f"--output_dir={tmp_path}", *FAST,
-         "--method=hps", "--dataset=synthetic", "--strategy=mirrored"],
+         *method, "--dataset=synthetic", "--strategy=mirrored"],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -177,3 +181,11 @@ def test_flag_set_out_of_range_is_rejected():
     with flagsaver.flagsaver():
         with pytest.raises(flags.IllegalFlagValueError, match="--epochs=0"):
             FLAGS.epochs = 0
+
+
+def test_sequential_routing_flag_trains(tmp_path):
+    out = run_train(tmp_path, "--method=mpps", "--dataset=synthetic",
+                    "--routing=sequential", "--mpps_frozen_start=0",
+                    "--mpps_frozen_end=0")
+    assert_task_accuracies(read_json(out / "results.json"))
+    assert_export(out / "export")

@@ -33,7 +33,9 @@ class MultiTaskModel(keras.Model):
       sees its own examples. Following MPPS appendix 7.1 the objective is
       `sum_t (N_t / N) * mean loss of task t`, with N_t counted exactly, in
       one pass over the training set's task ids, when `fit` starts (or given
-      as `task_frequencies`).
+      as `task_frequencies`). Up to 1/N this is eq. (6), the sum of the loss
+      over every example; the bound of 7.1 read literally (the N_t/N weight
+      on each example's term) would weight task means by N_t^2 instead.
 
     How a jointly labelled training batch crosses the task-conditioned part
     is `routing`:
@@ -69,10 +71,12 @@ class MultiTaskModel(keras.Model):
 
     Example:
 
-    >>> tasks = [tf_mtl.tasks.classification(n, 10) for n in ("left", "right")]
-    >>> model = MultiTaskModel(tf_mtl.backbones.lenet(), tasks, (28, 28, 1))
+    >>> from tf_mtl import backbones, data, tasks
+    >>> mf = data.load("synthetic")
+    >>> heads = [tasks.classification(n, k) for n, k in mf.task_classes.items()]
+    >>> model = MultiTaskModel(backbones.lenet(), heads, (28, 28, 1))
     >>> model.compile(optimizer="adam")
-    >>> model.fit(tf_mtl.data.load("synthetic").train, epochs=1)
+    >>> history = model.fit(mf.train, epochs=1)
     """
 
     def __init__(self, backbone, tasks, input_shape, jointly_labelled=True,
@@ -288,9 +292,14 @@ class MultiTaskModel(keras.Model):
 
     def _apply_gradients(self, gradients):
         owners = self._optimizer_of()
+        # The loss was scaled for the model's optimizer (`scale_loss`), which
+        # unscales its own gradients; a dedicated optimizer gets them unscaled.
+        unscale = 1.0 / self.optimizer.scale_loss(tf.constant(1.0))
         groups = {}
         for gradient, variable in zip(gradients, self.trainable_variables):
             optimizer = owners[id(variable)]
+            if optimizer is not self.optimizer and gradient is not None:
+                gradient = tf.convert_to_tensor(gradient) * unscale
             groups.setdefault(id(optimizer), (optimizer, []))[1].append(
                 (gradient, variable))
         for optimizer, pairs in groups.values():
@@ -356,7 +365,25 @@ class MultiTaskModel(keras.Model):
 
     # -- checks before any step runs ---------------------------------------
 
-    def fit(self, x=None, validation_data=None, **kwargs):
+    def compile(self, optimizer="adam", loss=None, metrics=None, jit_compile=False,
+                **kwargs):
+        """Keras' `compile`; losses and metrics come from the `Task`s.
+
+        `jit_compile` defaults to False: the routed step has data-dependent
+        shapes (task partitions) that XLA would recompile for.
+        """
+        if loss is not None or metrics is not None:
+            raise ValueError(
+                "MultiTaskModel takes its losses and metrics from its Tasks; "
+                "do not pass `loss` or `metrics` to compile."
+            )
+        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+
+    def fit(self, x=None, y=None, validation_data=None, **kwargs):
+        if y is not None:
+            raise ValueError(
+                "MultiTaskModel reads labels from the dataset `x`; `y` must be None."
+            )
         self.check_dataset(x, "x")
         if validation_data is not None:
             self.check_dataset(validation_data, "validation_data")

@@ -18,7 +18,8 @@ def plot_capacity(records, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["ec_target"] for r in records], "k--", label="target EC")
     ax.plot(epochs, [r["ec"] for r in records], "C0", lw=2, label="EC (all masks)")
-    for name in sorted(k for k in records[0] if k.startswith("ec_mpps")):
+    layers = [k for k in records[0] if k.startswith("ec_") and k != "ec_target"]
+    for name in sorted(layers):
         ax.plot(epochs, [r[name] for r in records], lw=0.8, alpha=0.6,
                 label=name[3:])
     ax.set(xlabel="epoch", ylabel="exclusive capacity", ylim=(0, 1.02),

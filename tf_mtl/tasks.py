@@ -65,7 +65,7 @@ def classification(name, num_classes, loss_weight=1.0):
     cross-entropy on its logits, and accuracy.
 
     >>> task = classification("left", num_classes=10)
-    >>> tuple(task.head()(np.zeros((2, 8))).shape)
+    >>> tuple(task.head()(numpy.zeros((2, 8))).shape)
     (2, 10)
     """
     if int(num_classes) < 2:
