@@ -60,8 +60,10 @@ def plot_share_proportions(records, task_names, path):
         {layer: share_proportions(r["mask_probs"][layer]) for layer in layers}
         for r in records
     ]
+    # A task that owns no channel (under full sharing argmax ties go to
+    # task 0) has no proportion: its lines stop there.
     fig, axes = plt.subplots(1, num_tasks, figsize=(4 * num_tasks, 3.5),
-                             sharey=True, squeeze=False)
+                             sharex=True, sharey=True, squeeze=False)
     for owner, ax in enumerate(axes[0]):
         others = [t for t in range(num_tasks) if t != owner]
         for (a, b), layer in itertools.product(
