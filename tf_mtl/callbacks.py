@@ -132,7 +132,7 @@ class ExclusiveCapacityScheduler(keras.callbacks.Callback):
                              "ProgressiveMask (build it with progressive_sharing).")
         return masks
 
-    def target_capacity(self, epoch, eps):
+    def capacity_at(self, epoch, eps):
         """C_i, the target EC during `epoch`."""
         high, low = capacity_bounds(eps)
         progress = sharing_progress(self.schedule, epoch, self.epochs,
@@ -155,7 +155,7 @@ class ExclusiveCapacityScheduler(keras.callbacks.Callback):
             "mask_probs": {m.name: m.mask_probs.numpy().tolist() for m in masks},
         })
         for mask in masks:
-            capacity = self.target_capacity(epoch + 1, mask.eps)
+            capacity = self.capacity_at(epoch + 1, mask.eps)
             source = (mask.mask_probs if self.update_target else
                       exclusive_init(*mask.mask_probs.shape, mask.eps))
             mask.target_probs.assign(rescale_capacity(source, capacity, mask.eps))
