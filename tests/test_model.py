@@ -8,7 +8,8 @@ import tensorflow as tf
 import tf_mtl
 from tf_mtl import backbones, data, methods
 from tf_mtl.data import synthetic
-from tf_mtl.layers import ProgressiveMask, TaskConditioned
+from tf_mtl.layers import ProgressiveMask, TaskConditioned, objective_scope
+from tf_mtl.layers.base import tile_tasks
 from tf_mtl.tasks import Task, classification
 
 INPUT_SHAPE = (28, 28, 1)
@@ -175,7 +176,8 @@ def test_mask_identity_at_inference_routes_only_in_training():
     )
 
     _, inference_ids = model.features(images(3), training=False)
-    features, training_ids = model.features(images(3), training=True)
+    with objective_scope():
+        features, training_ids = model.features(images(3), training=True)
 
     assert inference_ids is None
     assert isinstance(model.conditioned_layers[0], ProgressiveMask)
@@ -553,8 +555,8 @@ def test_residual_block_tiled_inside_equals_tiled_before(site):
     unit = backbones.ResidualUnit(4, strides=2)
     unit.condition(site, TaskBias(2))
     x = tf.constant(images(3)[..., :1].repeat(4, -1))
-    inside, ids = unit(x, None, training=False, num_tasks=2)
+    inside, ids = unit(x, None, training=False, route=lambda r: tile_tasks(r, 2))
     before, _ = unit(tf.concat([x, x], 0), tf.constant([0, 0, 0, 1, 1, 1]),
-                     training=False, num_tasks=2)
+                     training=False)
     np.testing.assert_array_equal(ids, [0, 0, 0, 1, 1, 1])
     np.testing.assert_allclose(inside, before, rtol=1e-6, atol=1e-6)

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_mtl.layers import ProgressiveMask
+from tf_mtl.layers import ProgressiveMask, objective_scope
 from tf_mtl.layers.progressive_mask import (
     exclusive_capacity,
     exclusive_init,
@@ -27,6 +27,12 @@ def _mask(phi, **kwargs):
     layer.build((None, phi.shape[1]))
     layer.mask_probs.assign(phi)
     return layer
+
+
+def _train(layer, x, task_ids):
+    """A training call of the layer; returns its output and objective scope."""
+    with objective_scope() as scope:
+        return layer(x, task_ids, training=True), scope
 
 
 def test_exclusive_init_splits_channels_into_owned_parts():
@@ -107,7 +113,7 @@ def test_owner_always_uses_its_channel(sample_per):
     layer = _mask(np.array([[0.99, 0.01, 0.5], [0.01, 0.99, 0.4]], "float32"),
                   sample_per=sample_per, seed=1)
     task_ids = tf.constant([0, 1] * 200)
-    out = layer(tf.ones((400, 3)), task_ids, training=True).numpy()
+    out = _train(layer, tf.ones((400, 3)), task_ids)[0].numpy()
     assert (out[0::2, 0] == 1).all() and (out[1::2, 1] == 1).all()
     assert (out[0::2, 2] == 1).all()  # task 0 owns channel 2 (0.5 > 0.4)
     assert set(np.unique(out)) <= {0.0, 1.0}
@@ -117,7 +123,7 @@ def test_owner_always_uses_its_channel(sample_per):
 
 def test_one_mask_per_task_per_step():
     layer = _mask(np.full((2, 8), 0.5, "float32"), seed=3)
-    out = layer(tf.ones((6, 8)), tf.constant([0, 0, 0, 1, 1, 1]), training=True).numpy()
+    out = _train(layer, tf.ones((6, 8)), tf.constant([0, 0, 0, 1, 1, 1]))[0].numpy()
     np.testing.assert_array_equal(out[0], out[1])
     np.testing.assert_array_equal(out[3], out[5])
 
@@ -149,11 +155,10 @@ def test_reinforce_matches_exact_gradient():
     layer = _mask(PHI, sample_per="example", beta=0.0, seed=7)
     task_ids = tf.constant([0, 1] * (rows // 2))
     with tf.GradientTape(persistent=True) as tape:
-        masked = layer(tf.ones((rows, 3)), task_ids, training=True)
+        masked, scope = _train(layer, tf.ones((rows, 3)), task_ids)
         row_losses = _toy_loss(masked)
-        row_terms, _ = layer.objective_terms(row_losses, task_ids)
         # Each task's rows average to its expected loss, as in MultiTaskModel.
-        surrogate = tf.reduce_sum(row_terms) / (rows // 2)
+        surrogate = scope.terms(row_losses, tf.fill([rows], 1.0 / (rows // 2)))
     estimate = tf.convert_to_tensor(tape.gradient(surrogate, layer.mask_probs)).numpy()
     # Standard error from the per-row score terms l_i (m - phi) / (phi (1 - phi)).
     m = masked.numpy()
@@ -168,10 +173,12 @@ def test_reinforce_matches_exact_gradient():
 def test_reinforce_surrogate_is_zero_in_value_and_baseline_tracks_loss():
     layer = _mask(PHI, baseline_decay=0.5, seed=2)
     task_ids = tf.constant([0, 0, 1, 1])
-    layer(tf.ones((4, 3)), task_ids, training=True)
-    row_terms, kl = layer.objective_terms(tf.constant([1.0, 3.0, 4.0, 4.0]), task_ids)
-    np.testing.assert_allclose(row_terms, 0.0)
-    np.testing.assert_allclose(kl, kl_divergence("bernoulli", PHI, layer.target_probs))
+    _, scope = _train(layer, tf.ones((4, 3)), task_ids)
+    # Each task's two rows weigh 1/2: the KL of each task counts once, and
+    # the surrogate adds nothing to the value.
+    terms = scope.terms(tf.constant([1.0, 3.0, 4.0, 4.0]), tf.fill([4], 0.5))
+    kl = kl_divergence("bernoulli", PHI, layer.target_probs).numpy()
+    assert float(terms) == pytest.approx(kl.sum(), rel=1e-6)
     np.testing.assert_allclose(layer.baseline.numpy(), [1.0, 2.0])  # 0.5 * mean
 
 
@@ -179,13 +186,15 @@ def test_gaussian_gradients_flow_to_phi():
     layer = _mask(np.full((2, 4), 0.5, "float32"), distribution="gaussian", seed=0)
     task_ids = tf.constant([0, 1] * 8)
     with tf.GradientTape() as tape:
-        out = layer(tf.ones((16, 4)), task_ids, training=True)
+        out, scope = _train(layer, tf.ones((16, 4)), task_ids)
         loss = tf.reduce_sum(tf.square(out))
     grad = tape.gradient(loss, layer.mask_probs).numpy()
     owner = np.array([[True] * 4, [False] * 4])  # ties: argmax picks task 0
     assert np.all(grad[owner] == 0) and np.all(np.abs(grad[~owner]) > 0)
-    row_terms, _ = layer.objective_terms(tf.zeros(16), task_ids)
-    assert row_terms is None  # no score function for the Gaussian
+    # No score function for the Gaussian: the terms are the KL alone, even
+    # with large row losses.
+    terms = scope.terms(tf.fill([16], 100.0), tf.fill([16], 1 / 8))
+    assert float(terms) == pytest.approx(float(tf.reduce_sum(layer.kl_divergence())))
 
 
 def test_serialises_in_a_functional_model(tmp_path):
@@ -214,6 +223,14 @@ def test_bad_arguments(kwargs, match):
         ProgressiveMask(**kwargs)
 
 
+def test_training_outside_an_objective_step_fails_loudly():
+    # A plain keras.Model's train_step would silently drop the KL and the
+    # score function: the layer refuses to train there.
+    layer = _mask(PHI)
+    with pytest.raises(RuntimeError, match="ProgressiveMask.*tf_mtl.Model"):
+        layer(tf.ones((2, 3)), tf.constant([0, 1]), training=True)
+
+
 def test_projection_keeps_phi_in_range():
     layer = _mask(PHI)
     optimizer = keras.optimizers.SGD(10.0)
@@ -229,9 +246,8 @@ def test_baseline_removes_the_loss_level_from_the_score():
     layer.baseline.assign([2.5, 2.5])
     task_ids = tf.constant([0, 1] * 50)
     with tf.GradientTape() as tape:
-        layer(tf.ones((100, 3)), task_ids, training=True)
-        row_terms, _ = layer.objective_terms(tf.fill([100], 2.5), task_ids)
-        loss = tf.reduce_sum(row_terms)
+        _, scope = _train(layer, tf.ones((100, 3)), task_ids)
+        loss = scope.terms(tf.fill([100], 2.5), tf.fill([100], 0.02))
     np.testing.assert_array_equal(tape.gradient(loss, layer.mask_probs), 0.0)
 
 
@@ -239,7 +255,7 @@ def test_gaussian_mask_moments():
     phi = np.array([[0.99, 0.2], [0.5, 0.8]], "float32")
     layer = _mask(phi, distribution="gaussian", sample_per="example", seed=9)
     rows = 20000
-    out = layer(tf.ones((rows, 2)), tf.zeros(rows, tf.int32), training=True).numpy()
+    out = _train(layer, tf.ones((rows, 2)), tf.zeros(rows, tf.int32))[0].numpy()
     assert (out[:, 0] == 1).all()  # task 0 owns channel 0
     # Guest channel 1 of task 0: N(1, r(0.2)^2), r(0.2) = 2.
     assert out[:, 1].mean() == pytest.approx(1.0, abs=0.05)

@@ -7,23 +7,29 @@ Roaming reference code masks there, and for a Bernoulli mask it is the same as
 masking the neuron's output. A backbone is a list of layers; `sites(backbone)`
 lists its sites in forward order and `Block.condition` fills one.
 
-Blocks are called as `block(x, task_ids, training=..., num_tasks=T)` and
-return `(x, task_ids)`: a batch serving every task (`task_ids` None) is tiled
-at the first site that needs task ids, so the convolution and normalisation
-before it run once for all tasks.
+Blocks are called as `block(x, task_ids, training=..., route=route)` and
+return `(x, task_ids)`. Rows without a task yet (`task_ids` None) enter the
+routed part at the first site that needs task ids, through
+`route(x) -> (x, task_ids)` (tiling a jointly labelled batch, or the data's
+own task ids), so the convolution and normalisation before it run once for
+all tasks. From there on, normalisation uses each task's own batch
+statistics (`TaskBatchNormalization`): the routed rows of a task compute
+what that task's own pass would.
 """
 
 import keras
 
-from tf_mtl.layers.base import apply_conditioned, tile_tasks
+from tf_mtl.layers.base import apply_conditioned
+from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 
 
 def _norm():
     # Keras' default momentum 0.99 leaves a third of the initial statistics
     # after 100 steps: too slow for runs of a few hundred steps per epoch.
-    return keras.layers.BatchNormalization(momentum=0.9)
+    return TaskBatchNormalization(momentum=0.9)
 
 
+@keras.saving.register_keras_serializable(package="tf_mtl")
 class Block(keras.layers.Layer):
     """A backbone layer holding conditioning sites.
 
@@ -56,13 +62,35 @@ class Block(keras.layers.Layer):
     def conditioned_layers(self):
         return list(self.conditioned.values())
 
-    def _site(self, site, x, task_ids, training, num_tasks):
+    def _site(self, site, x, task_ids, training, route):
         layer = self.conditioned.get(str(site))
         if layer is None:
             return x, task_ids
-        return apply_conditioned(layer, x, task_ids, training, num_tasks)
+        return apply_conditioned(layer, x, task_ids, training, route)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "conditioned": {site: keras.saving.serialize_keras_object(layer)
+                            for site, layer in self.conditioned.items()},
+        }
+
+    def build_from_config(self, config):
+        # Blocks build their sublayers at their first call (the model's
+        # construction), not from a saved input shape.
+        pass
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        conditioned = config.pop("conditioned", {})
+        block = cls(**config)
+        for site, layer in sorted(conditioned.items()):
+            block.condition(int(site), keras.saving.deserialize_keras_object(layer))
+        return block
 
 
+@keras.saving.register_keras_serializable(package="tf_mtl")
 class ConvUnit(Block):
     """Conv2D -> BatchNorm -> [site] -> activation -> optional max-pool."""
 
@@ -70,6 +98,11 @@ class ConvUnit(Block):
                  pool_size=None, activation="relu", **kwargs):
         super().__init__(**kwargs)
         self.filters = filters
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.padding = padding
+        self.pool_size = pool_size
+        self.activation_name = activation
         self.conv = keras.layers.Conv2D(
             filters, kernel_size, strides=strides, padding=padding, use_bias=False
         )
@@ -81,19 +114,27 @@ class ConvUnit(Block):
     def site_channels(self):
         return (self.filters,)
 
-    def call(self, x, task_ids=None, training=None, num_tasks=None):
-        x = self.norm(self.conv(x), training=training)
-        x, task_ids = self._site(0, x, task_ids, training, num_tasks)
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters,
+                "kernel_size": self.kernel_size, "strides": self.strides,
+                "padding": self.padding, "pool_size": self.pool_size,
+                "activation": self.activation_name}
+
+    def call(self, x, task_ids=None, training=None, route=None):
+        x = self.norm(self.conv(x), task_ids, training=training)
+        x, task_ids = self._site(0, x, task_ids, training, route)
         x = self.activation(x)
         return (self.pool(x) if self.pool is not None else x), task_ids
 
 
+@keras.saving.register_keras_serializable(package="tf_mtl")
 class DenseUnit(Block):
     """Dense -> [site] -> activation."""
 
     def __init__(self, units, activation="relu", **kwargs):
         super().__init__(**kwargs)
         self.units = units
+        self.activation_name = activation
         self.dense = keras.layers.Dense(units)
         self.activation = keras.layers.Activation(activation)
 
@@ -101,11 +142,16 @@ class DenseUnit(Block):
     def site_channels(self):
         return (self.units,)
 
-    def call(self, x, task_ids=None, training=None, num_tasks=None):
-        x, task_ids = self._site(0, self.dense(x), task_ids, training, num_tasks)
+    def get_config(self):
+        return {**super().get_config(), "units": self.units,
+                "activation": self.activation_name}
+
+    def call(self, x, task_ids=None, training=None, route=None):
+        x, task_ids = self._site(0, self.dense(x), task_ids, training, route)
         return self.activation(x), task_ids
 
 
+@keras.saving.register_keras_serializable(package="tf_mtl")
 class ResidualUnit(Block):
     """A basic ResNet block (He et al. 2016) with a site after each of its
     two convolutions' normalisation; the projection shortcut has no site.
@@ -128,20 +174,26 @@ class ResidualUnit(Block):
 
     def build(self, input_shape):
         if self.strides != 1 or input_shape[-1] != self.filters:
-            self.shortcut = keras.Sequential([
+            self.shortcut = [
                 keras.layers.Conv2D(self.filters, 1, strides=self.strides,
                                     use_bias=False),
                 _norm(),
-            ])
+            ]
 
-    def call(self, x, task_ids=None, training=None, num_tasks=None):
-        skip = x if self.shortcut is None else self.shortcut(x, training=training)
-        h = self.norm1(self.conv1(x), training=training)
-        h, ids = self._site(0, h, task_ids, training, num_tasks)
-        h = self.norm2(self.conv2(keras.ops.relu(h)), training=training)
-        h, ids = self._site(1, h, ids, training, num_tasks)
-        if task_ids is None and ids is not None:  # tiled inside this block
-            skip, _ = tile_tasks(skip, num_tasks)
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters,
+                "strides": self.strides}
+
+    def call(self, x, task_ids=None, training=None, route=None):
+        skip = x
+        if self.shortcut is not None:
+            skip = self.shortcut[1](self.shortcut[0](x), task_ids, training=training)
+        h = self.norm1(self.conv1(x), task_ids, training=training)
+        h, ids = self._site(0, h, task_ids, training, route)
+        h = self.norm2(self.conv2(keras.ops.relu(h)), ids, training=training)
+        h, ids = self._site(1, h, ids, training, route)
+        if task_ids is None and ids is not None:  # routed inside this block
+            skip, _ = route(skip)
         return keras.ops.relu(h + skip), ids
 
 

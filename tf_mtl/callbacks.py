@@ -5,6 +5,7 @@ import re
 import keras
 import numpy as np
 
+from tf_mtl.training import conditioned_layers
 from tf_mtl.layers.progressive_mask import (
     ProgressiveMask,
     exclusive_capacity,
@@ -125,7 +126,7 @@ class ExclusiveCapacityScheduler(keras.callbacks.Callback):
             )
 
     def _masks(self):
-        masks = [l for l in self.model.conditioned_layers
+        masks = [l for l in conditioned_layers(self.model)
                  if isinstance(l, ProgressiveMask)]
         if not masks:
             raise ValueError("ExclusiveCapacityScheduler: the model has no "

@@ -4,8 +4,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_mtl import tasks as tasks_module
 from tf_mtl.backbones import Block
-from tf_mtl.layers.base import TaskConditioned, apply_conditioned
+from tf_mtl.layers.base import (
+    TaskConditioned,
+    apply_conditioned,
+    objective_scope,
+    tile_tasks,
+)
+from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
+from tf_mtl.training import ConditionedTraining
 
 
 ROUTINGS = ("tiled", "sequential")
@@ -18,7 +26,8 @@ def _all_replicas_sum(value):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
-class MultiTaskModel(keras.Model):
+@keras.saving.register_keras_serializable(package="tf_mtl")
+class MultiTaskModel(ConditionedTraining, keras.Model):
     """A shared backbone and one head per task, trained with `fit`.
 
     Batches are routed by task (DESIGN.md, "task-routed batches"):
@@ -95,6 +104,7 @@ class MultiTaskModel(keras.Model):
                 f"task names: {names}"
             )
         self.backbone = list(backbone)
+        _check_routed_part(self.backbone)
         self.tasks = tasks
         self.task_names = tuple(names)
         self.example_shape = tuple(input_shape)
@@ -114,6 +124,24 @@ class MultiTaskModel(keras.Model):
         }
         self(np.zeros((1,) + self.example_shape, "float32"))
 
+    def get_config(self):
+        return {
+            "name": self.name,
+            "backbone": [keras.saving.serialize_keras_object(l) for l in self.backbone],
+            "tasks": [task.get_config() for task in self.tasks],
+            "input_shape": self.example_shape,
+            "jointly_labelled": self.jointly_labelled,
+            "routing": self.routing,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        backbone = [keras.saving.deserialize_keras_object(l)
+                    for l in config.pop("backbone")]
+        task_list = [tasks_module.from_config(t) for t in config.pop("tasks")]
+        return cls(backbone, task_list, **config)
+
     @property
     def num_tasks(self):
         return len(self.tasks)
@@ -123,17 +151,6 @@ class MultiTaskModel(keras.Model):
         return [self._loss_tracker] + [
             m for metrics in self._task_metrics.values() for m in metrics
         ]
-
-    @property
-    def conditioned_layers(self):
-        """The task-conditioned layers of the backbone, in forward order."""
-        found = []
-        for layer in self.backbone:
-            if isinstance(layer, TaskConditioned):
-                found.append(layer)
-            elif isinstance(layer, Block):
-                found.extend(layer.conditioned_layers())
-        return found
 
     def set_task_frequencies(self, frequencies):
         """Sets N_t / N from counts or frequencies of each task."""
@@ -150,18 +167,28 @@ class MultiTaskModel(keras.Model):
     # -- forward -----------------------------------------------------------
 
     def features(self, x, task_ids=None, training=False):
-        """Runs the backbone; returns the features and the task of each row
-        (None when every row serves every task)."""
-        return self._run(self.backbone, x, task_ids, training)
+        """Runs the backbone on a batch serving every task (`task_ids` None)
+        or on rows of the given tasks; returns the features and the task of
+        each row (None when every row serves every task)."""
+        if task_ids is None:
+            route = lambda rows: tile_tasks(rows, self.num_tasks)
+        else:
+            route = lambda rows: (rows, task_ids)
+        features, routed = self._run(self.backbone, x, route, training)
+        return features, task_ids if routed is None else routed
 
-    def _run(self, layers, x, task_ids, training):
+    def _run(self, layers, x, route, training):
+        """Runs `layers`; rows enter the routed part through `route` at the
+        first conditioned layer active in this mode. Returns the output and
+        the task of each row once routed (None before)."""
+        task_ids = None
         for layer in layers:
             if isinstance(layer, Block):
-                x, task_ids = layer(x, task_ids, training=training,
-                                    num_tasks=self.num_tasks)
+                x, task_ids = layer(x, task_ids, training=training, route=route)
             elif isinstance(layer, TaskConditioned):
-                x, task_ids = apply_conditioned(layer, x, task_ids, training,
-                                                self.num_tasks)
+                x, task_ids = apply_conditioned(layer, x, task_ids, training, route)
+            elif isinstance(layer, TaskBatchNormalization):
+                x = layer(x, task_ids, training=training)
             else:
                 x = layer(x, training=training)
         return x, task_ids
@@ -211,14 +238,14 @@ class MultiTaskModel(keras.Model):
             metric.update_state(y_true, y_pred)
         return tf.cast(task.loss(y_true, y_pred), tf.float32)
 
-    def _objective(self, losses, rows, row_tasks, training, task_mask):
+    def _objective(self, losses, rows, row_tasks, scope):
         """This replica's share of the objective.
 
         `losses[t]` holds the per-row losses of task t, `rows[t]` their rows
-        (None when every row serves every task), `task_mask` the tasks whose
-        per-task terms this call owns. Updates the per-task loss metrics.
+        (None when every row serves every task); `scope` the conditioned
+        layers' records of the forward pass. Updates the per-task loss
+        metrics.
         """
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         counts = tf.stack([tf.cast(tf.size(l), tf.float32) for l in losses])
         global_counts = tf.maximum(_all_replicas_sum(counts), 1.0)
         weights = self._task_weights()
@@ -228,18 +255,10 @@ class MultiTaskModel(keras.Model):
             self._task_metrics[task.name][0].update_state(
                 tf.math.divide_no_nan(total, count), sample_weight=count
             )
-        active = [l for l in self.conditioned_layers if l.routes_tasks(training)]
-        if active:
+        if scope.records:
             row_losses = tf.dynamic_stitch(rows, losses)
             row_weights = tf.gather(weights / global_counts, row_tasks)
-            for layer in active:
-                row_terms, task_terms = layer.objective_terms(row_losses, row_tasks)
-                if row_terms is not None:
-                    loss += tf.reduce_sum(row_weights * row_terms)
-                if task_terms is not None:
-                    # Every replica adds the same term; the sum over replicas
-                    # must count it once.
-                    loss += tf.reduce_sum(task_mask * weights * task_terms) / replicas
+            loss += scope.terms(row_losses, row_weights)
         return loss
 
     def _track_loss(self, loss, x):
@@ -255,11 +274,11 @@ class MultiTaskModel(keras.Model):
     def _step(self, data, training):
         """Loss of one batch in one pass (this replica's share)."""
         x, task_ids, labels = self._unpack(data)
-        features, row_tasks = self.features(x, task_ids, training)
+        with objective_scope() as scope:
+            features, row_tasks = self.features(x, task_ids, training)
         preds, rows = self._heads(features, row_tasks, training)
         losses = [self._task_loss(t, labels[t.name], preds[t.name]) for t in self.tasks]
-        loss = self._objective(losses, rows, row_tasks, training,
-                               tf.ones([self.num_tasks]))
+        loss = self._objective(losses, rows, row_tasks, scope)
         self._track_loss(loss, x)
         return loss
 
@@ -275,46 +294,8 @@ class MultiTaskModel(keras.Model):
             with tf.GradientTape() as tape:
                 loss = self.optimizer.scale_loss(self._step(data, training=True))
             gradients = tape.gradient(loss, self.trainable_variables)
-        self._apply_gradients(gradients)
+        self.apply_conditioned_gradients(gradients)
         return self._logs()
-
-    def _optimizer_of(self):
-        """`{id(variable): optimizer}` for every trainable variable: the
-        model's optimizer, except where a conditioned layer trains some with
-        its own (`TaskConditioned.dedicated_optimizer`)."""
-        owners = {id(v): self.optimizer for v in self.trainable_variables}
-        for layer in self.conditioned_layers:
-            dedicated = layer.dedicated_optimizer()
-            if dedicated is not None:
-                optimizer, variables = dedicated
-                owners.update({id(v): optimizer for v in variables})
-        return owners
-
-    def _apply_gradients(self, gradients):
-        owners = self._optimizer_of()
-        # The loss was scaled for the model's optimizer (`scale_loss`), which
-        # unscales its own gradients; a dedicated optimizer gets them unscaled.
-        unscale = 1.0 / self.optimizer.scale_loss(tf.constant(1.0))
-        groups = {}
-        for gradient, variable in zip(gradients, self.trainable_variables):
-            optimizer = owners[id(variable)]
-            if optimizer is not self.optimizer and gradient is not None:
-                gradient = tf.convert_to_tensor(gradient) * unscale
-            groups.setdefault(id(optimizer), (optimizer, []))[1].append(
-                (gradient, variable))
-        for optimizer, pairs in groups.values():
-            optimizer.apply_gradients(pairs)
-
-    def _build_optimizer(self):
-        """Builds the model's optimizer on the variables it trains, before a
-        checkpoint is restored into it (Keras would build it on all of them
-        and then refuse a checkpoint that holds fewer slots)."""
-        if self.optimizer is None or self.optimizer.built:
-            return
-        owners = self._optimizer_of()
-        with self.distribute_strategy.scope():
-            self.optimizer.build([v for v in self.trainable_variables
-                                  if owners[id(v)] is self.optimizer])
 
     def _sequential_gradients(self, data, first):
         """Gradients of the objective with one forward-backward pass of the
@@ -322,7 +303,7 @@ class MultiTaskModel(keras.Model):
         x, _, labels = self._unpack(data)
         stem, suffix = self.backbone[:first], self.backbone[first:]
         with tf.GradientTape() as stem_tape:
-            shared, _ = self._run(stem, x, None, True)
+            shared, _ = self._run(stem, x, None, True)  # no layer routes there
         stem_ids = {id(v) for layer in stem for v in layer.trainable_variables}
         variables = self.trainable_variables
         rest = [v for v in variables if id(v) not in stem_ids]
@@ -338,14 +319,15 @@ class MultiTaskModel(keras.Model):
             with tf.GradientTape() as tape:
                 tape.watch(inputs)
                 row_tasks = tf.fill([batch], t)
-                features, _ = self._run(suffix, inputs, row_tasks, True)
+                with objective_scope() as scope:
+                    features, _ = self._run(suffix, inputs,
+                                            lambda rows: (rows, row_tasks), True)
                 pred = self.heads[task.name](features, training=True)
                 losses = [tf.zeros([0])] * self.num_tasks
                 losses[t] = self._task_loss(task, labels[task.name], pred)
                 rows = [no_rows] * self.num_tasks
                 rows[t] = tf.range(batch)
-                loss = self._objective(losses, rows, row_tasks, True,
-                                       tf.one_hot(t, self.num_tasks))
+                loss = self._objective(losses, rows, row_tasks, scope)
                 scaled = self.optimizer.scale_loss(loss)
             grads = tape.gradient(scaled, [inputs] + rest)
             shared_grad += grads[0]
@@ -391,7 +373,6 @@ class MultiTaskModel(keras.Model):
             from tf_mtl.data import task_counts
 
             self.set_task_frequencies(task_counts(x, self.num_tasks))
-        self._build_optimizer()
         return super().fit(x, validation_data=validation_data, **kwargs)
 
     def evaluate(self, x=None, **kwargs):
@@ -410,6 +391,23 @@ class MultiTaskModel(keras.Model):
         from tf_mtl import validation
 
         validation.check_dataset(self, dataset, argument)
+
+
+def _check_routed_part(backbone):
+    """Refuses a plain batch normalisation after the first conditioned layer:
+    its statistics would mix the rows of different tasks."""
+    conditioned = False
+    for layer in backbone:
+        conditioned = conditioned or (
+            isinstance(layer, TaskConditioned)
+            or isinstance(layer, Block) and bool(layer.conditioned_layers()))
+        if conditioned and isinstance(layer, keras.layers.BatchNormalization) \
+                and not isinstance(layer, TaskBatchNormalization):
+            raise ValueError(
+                f"Backbone layer {layer.name!r} is a BatchNormalization after a "
+                "task-conditioned layer: its batch statistics would mix the "
+                "tasks' rows. Use tf_mtl.layers.TaskBatchNormalization there."
+            )
 
 
 def _routes_tasks(layer, training):

@@ -1,6 +1,8 @@
 """Task specifications: what a multi-task model predicts and how it is scored."""
 
 import dataclasses
+import functools
+import inspect
 import re
 from typing import Callable, Sequence
 
@@ -38,6 +40,9 @@ class Task:
         label_shape: shape of one example's label (`()` for a class id); the
             model checks the data against it before training.
         loss_weight: the task's weight in the summed objective (MPPS eq. 1).
+        config: how to make the task again, `{"factory": name, **arguments}`;
+            set by the factories of this module (`task_factory`), and needed
+            to save a model holding the task.
     """
 
     name: str
@@ -46,6 +51,7 @@ class Task:
     metrics: Sequence[Metric] = ()
     label_shape: tuple = ()
     loss_weight: float = 1.0
+    config: dict = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -60,6 +66,49 @@ class Task:
             )
 
 
+    def get_config(self):
+        if self.config is None:
+            raise ValueError(
+                f"Task {self.name!r} cannot be saved: it was not made by a "
+                "registered factory. Decorate the function that makes it with "
+                "`tf_mtl.tasks.task_factory`."
+            )
+        return dict(self.config)
+
+
+_FACTORIES = {}
+
+
+def task_factory(make):
+    """Registers a function returning a `Task`, so the tasks it makes carry
+    their `config` and a saved model can make them again (`from_config`)."""
+    signature = inspect.signature(make)
+
+    @functools.wraps(make)
+    def factory(*args, **kwargs):
+        arguments = signature.bind(*args, **kwargs)
+        arguments.apply_defaults()
+        config = {k: v.item() if hasattr(v, "item") else v  # numpy scalars
+                  for k, v in arguments.arguments.items()}
+        return dataclasses.replace(make(*args, **kwargs),
+                                   config={"factory": make.__name__, **config})
+
+    _FACTORIES[make.__name__] = factory
+    return factory
+
+
+def from_config(config):
+    """The `Task` a `Task.get_config()` describes."""
+    config = dict(config)
+    name = config.pop("factory", None)
+    if name not in _FACTORIES:
+        raise ValueError(
+            f"Unknown task factory {name!r}; registered: {sorted(_FACTORIES)}."
+        )
+    return _FACTORIES[name](**config)
+
+
+@task_factory
 def classification(name, num_classes, loss_weight=1.0):
     """A classification task: a linear head on the features, softmax
     cross-entropy on its logits, and accuracy.

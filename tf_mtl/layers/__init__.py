@@ -1,6 +1,10 @@
 """Task-conditioned Keras layers: `layer(x, task_ids)`."""
 
-from tf_mtl.layers.base import TaskConditioned
+from tf_mtl.layers.base import ObjectiveScope, TaskConditioned, objective_scope
 from tf_mtl.layers.progressive_mask import ProgressiveMask
+from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 
-__all__ = ["TaskConditioned", "ProgressiveMask"]
+__all__ = [
+    "TaskConditioned", "ProgressiveMask", "TaskBatchNormalization",
+    "ObjectiveScope", "objective_scope",
+]

@@ -1,4 +1,8 @@
-"""The contract every task-conditioned layer follows."""
+"""The contract every task-conditioned layer follows, and the objective scope
+through which such a layer adds its own terms to a training step."""
+
+import contextlib
+import threading
 
 import keras
 import tensorflow as tf
@@ -15,6 +19,51 @@ def tile_tasks(features, num_tasks):
     return tf.concat([features] * num_tasks, axis=0), task_ids
 
 
+# The scopes of the training steps being traced, one stack per thread:
+# MirroredStrategy traces each replica's step in a thread of its own and
+# switches threads at every cross-replica call, so one global would be
+# overwritten by another replica between the forward pass and the loss.
+_scopes = threading.local()
+
+
+class ObjectiveScope:
+    """What the conditioned layers of one forward pass add to its objective.
+
+    A training step opens the scope (`objective_scope()`) around its forward
+    pass; each conditioned layer with terms of its own records there what it
+    drew (`TaskConditioned.record`). Once the step knows the loss of every
+    row, `terms(row_losses, row_weights)` returns their sum, each layer's
+    `objective_terms` weighting a row's terms like that row's loss.
+    """
+
+    def __init__(self):
+        self.records = []
+
+    def terms(self, row_losses, row_weights):
+        """The conditioned layers' terms of the objective, a scalar.
+
+        Args:
+            row_losses: the loss of each row the layers saw, `(N,)`.
+            row_weights: `d objective / d row_losses`, `(N,)`: the weight of
+                each row's loss in the objective.
+        """
+        total = tf.constant(0.0)
+        for layer, state in self.records:
+            total += layer.objective_terms(state, row_losses, row_weights)
+        return total
+
+
+@contextlib.contextmanager
+def objective_scope():
+    """Opens an `ObjectiveScope` for the forward pass of a training step."""
+    stack = _scopes.__dict__.setdefault("stack", [])
+    stack.append(ObjectiveScope())
+    try:
+        yield stack[-1]
+    finally:
+        stack.pop()
+
+
 class TaskConditioned(keras.layers.Layer):
     """Base class of layers whose behaviour depends on the task of each example.
 
@@ -23,17 +72,19 @@ class TaskConditioned(keras.layers.Layer):
     gathers its per-task state by id: it never reads a global "current task"
     and never loops over tasks, so a batch mixing tasks costs one call.
 
-    `MultiTaskModel` reads two more things from a conditioned layer:
+    What a training step reads from a conditioned layer:
 
     - `routes_tasks(training)`: whether the layer needs `task_ids` in this
-      mode. Before the first layer that does, the model runs the task-agnostic
-      stem once and tiles its output T times (DESIGN.md, task-routed batches);
-      a layer that is the identity at inference (an MPPS mask) returns False
-      for `training=False`, so evaluation and export run the plain backbone.
-    - `objective_terms(row_losses, task_ids)`: extra terms of the training
-      objective, as `(row_terms, task_terms)`. `row_terms` has one value per
-      row and is weighted like that row's loss; `task_terms` has one value per
-      task and is weighted like that task. Either may be None.
+      mode. Before the first layer that does, `MultiTaskModel` runs the
+      task-agnostic stem once and enters the routed part there (DESIGN.md,
+      task-routed batches); a layer that is the identity at inference (an
+      MPPS mask) returns False for `training=False`, so evaluation and export
+      run the plain backbone.
+    - `objective_terms(state, row_losses, row_weights)`: the layer's own
+      terms of the training objective (a scalar), from the `state` it
+      `record`ed in its forward pass. A layer that has such terms must be trained by a step
+      that adds them (`tf_mtl.Model`, `MultiTaskModel`); called in training
+      outside such a step it raises instead of training without them.
     - `dedicated_optimizer()`: variables the layer trains with an optimizer
       of its own, e.g. MPPS mask probabilities by plain SGD.
     """
@@ -41,8 +92,33 @@ class TaskConditioned(keras.layers.Layer):
     def routes_tasks(self, training):
         return True
 
-    def objective_terms(self, row_losses, task_ids):
-        return None, None
+    def record(self, state):
+        """Hands `state` to the objective scope of the step being traced,
+        for `objective_terms`; raises where no step will add the terms."""
+        stack = getattr(_scopes, "stack", None)
+        if not stack:
+            raise RuntimeError(
+                f"{type(self).__name__} {self.name!r} was called in training "
+                "outside a step that adds its objective terms, so it would "
+                "train without them. Train it in a `tf_mtl.Model` (or a model "
+                "class that mixes in `tf_mtl.ConditionedTraining`), or in a "
+                "`tf_mtl.MultiTaskModel`; a custom `train_step` opens "
+                "`tf_mtl.layers.objective_scope()` around its forward pass and "
+                "adds `scope.terms(row_losses, row_weights)` to its loss."
+            )
+        stack[-1].records.append((self, state))
+
+    def objective_terms(self, state, row_losses, row_weights):
+        """The layer's terms of the objective given its recorded `state`, a
+        scalar.
+
+        `row_losses` and `row_weights` are `(N,)` over the rows the layer
+        saw: a row's terms are weighted like its loss.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} records objective terms but does not "
+            "implement `objective_terms`."
+        )
 
     def dedicated_optimizer(self):
         """`(optimizer, variables)` when this layer trains some of its
@@ -54,13 +130,21 @@ class TaskConditioned(keras.layers.Layer):
         return x_shape
 
 
-def apply_conditioned(layer, x, task_ids, training, num_tasks):
-    """Calls a conditioned layer where it routes tasks, first tiling a batch
-    that serves every task (`task_ids` None); returns `(x, task_ids)`.
-    Where the layer does not route it is the identity and is not traced at
-    all (no mask op in an inference graph)."""
+def task_weights(row_weights, task_ids, num_tasks):
+    """The weight of each task in the objective, `(T,)`: the sum of its
+    rows' weights. A per-task term weighted so counts once per task, like
+    that task's loss (eq. 3's KL beside the task's loss)."""
+    return tf.math.unsorted_segment_sum(row_weights, task_ids, num_tasks)
+
+
+def apply_conditioned(layer, x, task_ids, training, route):
+    """Calls a conditioned layer where it routes tasks, first entering the
+    routed part (`route(x) -> (x, task_ids)`) when the rows have no task yet
+    (`task_ids` None); returns `(x, task_ids)`. Where the layer does not
+    route it is the identity and is not traced at all (no mask op in an
+    inference graph)."""
     if not layer.routes_tasks(training):
         return x, task_ids
     if task_ids is None:
-        x, task_ids = tile_tasks(x, num_tasks)
+        x, task_ids = route(x)
     return layer(x, task_ids, training=training), task_ids

@@ -5,14 +5,12 @@ ICCV 2023 (papers/001; appendix papers/000). Section and equation numbers
 below are the paper's.
 """
 
-import threading
-
 import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_mtl.layers.base import TaskConditioned
+from tf_mtl.layers.base import TaskConditioned, task_weights
 
 tfd = tfp.distributions
 
@@ -152,8 +150,8 @@ class ProgressiveMask(TaskConditioned):
     >>> y = ProgressiveMask(num_tasks=2)(x, task_ids)
     >>> model = keras.Model([x, task_ids], y)
 
-    Use it through `MultiTaskModel`, which adds `objective_terms` to the
-    loss; a model of your own must add them itself.
+    Train it in a `tf_mtl.Model` or a `MultiTaskModel`, whose steps add its
+    `objective_terms` to the loss and train Phi with its own optimizer.
     """
 
     def __init__(self, num_tasks, distribution="bernoulli", eps=0.01, beta=1.0,
@@ -197,12 +195,6 @@ class ProgressiveMask(TaskConditioned):
         self.mask_learning_rate = mask_learning_rate
         self._mask_optimizer = None
         self.seed = int(np.random.randint(2**31 - 1) if seed is None else seed)
-        # The log-probability of the masks of the last call, for the score
-        # function in `objective_terms`. Thread-local: MirroredStrategy traces
-        # each replica's step in its own thread and switches threads at
-        # every cross-replica call, so one attribute would be overwritten by
-        # another replica between the forward pass and the loss.
-        self._last_sample = threading.local()
 
     def build(self, x_shape, task_ids_shape=None):
         channels = x_shape[-1]
@@ -261,6 +253,10 @@ class ProgressiveMask(TaskConditioned):
                     seed, replica.replica_id_in_sync_group)
         return seed
 
+    def _sample(self, dist):
+        # One draw of the masks; tests replace it to enumerate masks exactly.
+        return dist.sample(seed=self._seed())
+
     def call(self, x, task_ids, training=None):
         if not training:
             return x
@@ -271,18 +267,18 @@ class ProgressiveMask(TaskConditioned):
         if self.sample_per == "example":
             probs, owner = tf.gather(probs, task_ids), tf.gather(owner, task_ids)
         dist = self._distribution(probs)
-        sample = dist.sample(seed=self._seed())
+        sample = self._sample(dist)
         mask = tf.where(owner, tf.ones_like(sample), sample)
+        log_prob = None
         if self.distribution == "bernoulli":
             log_prob = tf.reduce_sum(
                 tf.where(owner, tf.zeros_like(sample), dist.log_prob(sample)), -1
             )
         if self.sample_per == "task":
             mask = tf.gather(mask, task_ids)
-            if self.distribution == "bernoulli":
+            if log_prob is not None:
                 log_prob = tf.gather(log_prob, task_ids)
-        if self.distribution == "bernoulli":
-            self._last_sample.log_prob = log_prob
+        self.record((log_prob, task_ids))
         channels = mask.shape[-1]
         mask = tf.reshape(mask, [-1] + [1] * (len(x.shape) - 2) + [channels])
         return x * tf.cast(mask, x.dtype)
@@ -300,18 +296,22 @@ class ProgressiveMask(TaskConditioned):
         """EC of each channel of Phi (3.3), shape `(C,)`."""
         return exclusive_capacity(self.mask_probs)
 
-    def objective_terms(self, row_losses, task_ids):
-        kl = self.beta * self.kl_divergence()
-        if self.distribution == "gaussian":
-            return None, kl  # Phi gets the loss gradient through the sample.
+    def objective_terms(self, state, row_losses, row_weights):
+        """Eq. (3)'s `beta * KL` of each task, weighted like that task's loss,
+        and, for the Bernoulli, the REINFORCE surrogate of the rows."""
+        log_prob, task_ids = state
+        weights = task_weights(row_weights, task_ids, self.num_tasks)
+        terms = tf.reduce_sum(weights * self.beta * self.kl_divergence())
+        if log_prob is None:
+            return terms  # Gaussian: Phi gets the loss gradient through the sample.
         advantage = row_losses
         if self.baseline_decay is not None:
             advantage = row_losses - tf.gather(self.baseline, task_ids)
             self._update_baseline(row_losses, task_ids)
         # Zero in value, so the logged loss stays eq. (3); its gradient is
         # the score-function estimate.
-        log_prob = self._last_sample.log_prob
-        return tf.stop_gradient(advantage) * (log_prob - tf.stop_gradient(log_prob)), kl
+        surrogate = tf.stop_gradient(advantage) * (log_prob - tf.stop_gradient(log_prob))
+        return terms + tf.reduce_sum(row_weights * surrogate)
 
     def _update_baseline(self, row_losses, task_ids):
         sums = tf.math.unsorted_segment_sum(row_losses, task_ids, self.num_tasks)

@@ -1,0 +1,83 @@
+"""TaskBatchNormalization: each task's rows normalised as in its own pass."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_mtl.layers import TaskBatchNormalization
+
+
+def _pair(momentum=0.9):
+    """A task-routed layer and a plain one with the same weights."""
+    ours, plain = TaskBatchNormalization(momentum=momentum), keras.layers.BatchNormalization(momentum=momentum)
+    for layer in (ours, plain):
+        layer.build((None, 3, 3, 4))
+    weights = [np.random.RandomState(i).uniform(0.5, 1.5, 4).astype("float32") for i in range(4)]
+    ours.set_weights(weights)
+    plain.set_weights(weights)
+    return ours, plain
+
+
+@pytest.mark.parametrize("task_ids", [
+    [0, 0, 0, 1, 1, 1, 2, 2, 2],  # tiled: a jointly labelled batch
+    [2, 0, 2, 2, 0, 0, 2, 0, 2],  # non-jointly labelled, task 1 absent
+])
+def test_equals_one_plain_pass_per_task(task_ids):
+    ours, plain = _pair()
+    x = tf.random.stateless_normal((9, 3, 3, 4), seed=(1, 2)) * 3 + 1
+    task_ids = tf.constant(task_ids)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        routed = ours(x, task_ids, training=True)
+        # One pass per task, in task order, as the papers run them.
+        parts = {t: plain(tf.boolean_mask(x, task_ids == t), training=True)
+                 for t in sorted(set(task_ids.numpy().tolist()))}
+        separate = tf.dynamic_stitch(
+            [tf.cast(tf.where(task_ids == t)[:, 0], tf.int32) for t in parts], list(parts.values()))
+        routed_loss = tf.reduce_sum(routed * tf.range(1.0, 5.0))
+        separate_loss = tf.reduce_sum(separate * tf.range(1.0, 5.0))
+    np.testing.assert_allclose(routed, separate, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.moving_mean, plain.moving_mean, rtol=1e-6)
+    np.testing.assert_allclose(ours.moving_variance, plain.moving_variance, rtol=1e-6)
+    for a, b in [(x, x), (ours.gamma, plain.gamma), (ours.beta, plain.beta)]:
+        np.testing.assert_allclose(tape.gradient(routed_loss, a),
+                                   tape.gradient(separate_loss, b), rtol=1e-4, atol=1e-4)
+
+
+def test_without_task_ids_or_at_inference_it_is_keras_batch_norm():
+    ours, plain = _pair()
+    x = tf.random.stateless_normal((6, 3, 3, 4), seed=(3, 4))
+    np.testing.assert_allclose(ours(x, training=True), plain(x, training=True), rtol=1e-6)
+    ids = tf.constant([0, 1] * 3)
+    np.testing.assert_allclose(ours(x, ids, training=False), plain(x, training=False),
+                               rtol=1e-6)
+
+
+def test_dense_features_and_mixed_precision():
+    layer = TaskBatchNormalization(dtype="mixed_float16")
+    x = tf.cast(tf.random.stateless_normal((8, 5), seed=(5, 6)), "float16")
+    y = layer(x, tf.constant([0, 1] * 4), training=True)
+    assert y.dtype == tf.float16
+    for t in range(2):  # each task's rows have mean 0 and variance ~1
+        rows = tf.cast(y[t::2], "float32").numpy()
+        np.testing.assert_allclose(rows.mean(0), 0, atol=1e-2)
+        np.testing.assert_allclose(rows.var(0), 1, atol=1e-2)
+
+
+def test_saves_and_reloads_in_a_functional_model(tmp_path):
+    x = keras.Input((4,))
+    task_ids = keras.Input((), dtype="int32")
+    model = keras.Model([x, task_ids],
+                        TaskBatchNormalization(momentum=0.8, name="tbn")(x, task_ids))
+    model.get_layer("tbn").moving_mean.assign([1.0, 2.0, 3.0, 4.0])
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded.get_layer("tbn").moving_mean, [1, 2, 3, 4])
+    assert loaded.get_layer("tbn").momentum == pytest.approx(0.8)
+
+
+def test_rejects_what_it_cannot_keep_apart():
+    layer = TaskBatchNormalization(axis=1)
+    with pytest.raises(ValueError, match="channels last"):
+        layer(tf.ones((4, 3, 2)), tf.constant([0, 0, 1, 1]), training=True)

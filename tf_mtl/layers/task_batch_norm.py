@@ -1,0 +1,84 @@
+"""Batch normalisation that keeps the tasks of a routed batch apart."""
+
+import keras
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="tf_mtl")
+class TaskBatchNormalization(keras.layers.BatchNormalization):
+    """Batch normalisation whose training statistics are each task's own.
+
+    The papers run one forward pass per task (MPPS 4.4, Maximum Roaming 3);
+    a task-routed batch runs them as one. Plain batch normalisation after a
+    task-conditioned layer would pool the rows of every task into one mean
+    and variance, so task t's output, loss and score-function gradient would
+    depend on the other tasks' masks. Called with `task_ids` in training,
+    this layer normalises the rows of task t with the moments of those rows
+    alone,
+
+        y_i = gamma * (x_i - mu_t) / sqrt(var_t + epsilon) + beta,  t = task of row i,
+
+    exactly what a pass of task t on its own computes, and leaves the moving
+    statistics where T such passes, in task order, would:
+
+        m <- momentum^n m + sum_t (1 - momentum) momentum^(k_t) mu_t,
+
+    over the n tasks present in the batch, k_t of them after t. Without
+    `task_ids`, at inference, or when frozen, it is Keras'
+    `BatchNormalization` (one set of moving statistics serves every task).
+
+    Example:
+
+    >>> x = keras.Input((4, 4, 8))
+    >>> task_ids = keras.Input((), dtype="int32")
+    >>> y = TaskBatchNormalization()(x, task_ids)
+    """
+
+    def call(self, inputs, task_ids=None, training=None, mask=None):
+        if task_ids is None or not training or not self.trainable:
+            return super().call(inputs, training=training, mask=mask)
+        if (mask is not None or self.renorm or self.synchronized
+                or self.axis not in (-1, len(inputs.shape) - 1)):
+            raise ValueError(
+                f"{self.name}: per-task statistics need channels last and no "
+                "`mask`, `renorm` or `synchronized`."
+            )
+        x = tf.cast(inputs, tf.float32)
+        task_ids = tf.cast(task_ids, tf.int32)
+        num_tasks = tf.reduce_max(task_ids) + 1
+        spatial = list(range(1, len(x.shape) - 1))
+        per_row = tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]), tf.float32)
+        counts = tf.math.unsorted_segment_sum(
+            tf.ones_like(task_ids, tf.float32), task_ids, num_tasks) * per_row
+        present = counts > 0
+        counts = tf.maximum(counts, 1.0)[:, None]
+
+        def task_mean(values):  # (N, ..., C) -> (T, C)
+            rows = tf.reduce_sum(values, spatial) if spatial else values
+            return tf.math.unsorted_segment_sum(rows, task_ids, num_tasks) / counts
+
+        mean = task_mean(x)
+        centred = x - _expand(tf.gather(mean, task_ids), len(spatial))
+        variance = task_mean(tf.square(centred))
+        outputs = centred * _expand(
+            tf.gather(tf.math.rsqrt(variance + self.epsilon), task_ids), len(spatial))
+        if self.scale:
+            outputs *= tf.cast(self.gamma, tf.float32)
+        if self.center:
+            outputs += tf.cast(self.beta, tf.float32)
+        self._update_moving(mean, variance, present)
+        return tf.cast(outputs, self.compute_dtype)
+
+    def _update_moving(self, mean, variance, present):
+        """T successive momentum updates, one per present task, in closed form."""
+        present = tf.cast(present, tf.float32)
+        after = tf.cumsum(present, exclusive=True, reverse=True)
+        decay = self.momentum ** after * (1.0 - self.momentum) * present
+        keep = self.momentum ** tf.reduce_sum(present)
+        for moving, value in ((self.moving_mean, mean), (self.moving_variance, variance)):
+            moving.assign(keep * moving + tf.reduce_sum(decay[:, None] * value, 0))
+
+
+def _expand(per_row, spatial_dims):
+    """`(N, C)` -> `(N, 1, ..., 1, C)` to broadcast over the spatial axes."""
+    return tf.reshape(per_row, [-1] + [1] * spatial_dims + [per_row.shape[-1]])
