@@ -26,6 +26,8 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow keeps peak-memory statistics of the CPU only with its BFC allocator.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
@@ -33,6 +35,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tf_mtl import backbones  # noqa: E402
+from tf_mtl.layers import objective_scope  # noqa: E402
 from tf_mtl.methods import hard_sharing, progressive_sharing  # noqa: E402
 from tf_mtl.tasks import classification  # noqa: E402
 
@@ -61,7 +64,13 @@ def flop_bound(mpps, hps):
     hard sharing. The MPPS pass tiles the batch at the first mask, so its
     FLOPs are stem + T * suffix + heads (plus the few of the masks)."""
     spec = tf.TensorSpec((BATCH,) + SHAPE)
-    forward = lambda model: _flops(lambda x: model(x, training=True), spec)
+
+    def forward(model):
+        def training_pass(x):
+            with objective_scope():  # the masks draw as in a training step
+                return model(x, training=True)
+        return _flops(training_pass, spec)
+
     return forward(mpps) / forward(hps)
 
 

@@ -14,4 +14,6 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(block.replace("/tmp/", f"{tmp_path}/"), namespace)
     assert (tmp_path / "mask.keras").exists()
+    mask = namespace["mine"].conditioned_layers[0]
+    assert mask.target_capacity.numpy() < 0.5  # the schedule reached full sharing
     assert (tmp_path / "mpps_export" / "model.tflite").exists()

@@ -45,23 +45,8 @@ class TaskBatchNormalization(keras.layers.BatchNormalization):
             )
         x = tf.cast(inputs, tf.float32)
         task_ids = tf.cast(task_ids, tf.int32)
-        num_tasks = tf.reduce_max(task_ids) + 1
-        spatial = list(range(1, len(x.shape) - 1))
-        per_row = tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]), tf.float32)
-        counts = tf.math.unsorted_segment_sum(
-            tf.ones_like(task_ids, tf.float32), task_ids, num_tasks) * per_row
-        present = counts > 0
-        counts = tf.maximum(counts, 1.0)[:, None]
-
-        def task_mean(values):  # (N, ..., C) -> (T, C)
-            rows = tf.reduce_sum(values, spatial) if spatial else values
-            return tf.math.unsorted_segment_sum(rows, task_ids, num_tasks) / counts
-
-        mean = task_mean(x)
-        centred = x - _expand(tf.gather(mean, task_ids), len(spatial))
-        variance = task_mean(tf.square(centred))
-        outputs = centred * _expand(
-            tf.gather(tf.math.rsqrt(variance + self.epsilon), task_ids), len(spatial))
+        mean, variance, present = task_moments(x, task_ids, tf.reduce_max(task_ids) + 1)
+        outputs = normalize(x, task_ids, mean, variance, self.epsilon)
         if self.scale:
             outputs *= tf.cast(self.gamma, tf.float32)
         if self.center:
@@ -79,6 +64,31 @@ class TaskBatchNormalization(keras.layers.BatchNormalization):
             moving.assign(keep * moving + tf.reduce_sum(decay[:, None] * value, 0))
 
 
-def _expand(per_row, spatial_dims):
+def task_moments(x, task_ids, num_tasks):
+    """Each task's batch mean and (biased) variance over its rows and the
+    spatial axes, `(T, C)` each, and which tasks have rows, `(T,)`."""
+    spatial = list(range(1, len(x.shape) - 1))
+    per_row = tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]), tf.float32)
+    counts = tf.math.unsorted_segment_sum(
+        tf.ones_like(task_ids, tf.float32), task_ids, num_tasks) * per_row
+
+    def task_mean(values):  # (N, ..., C) -> (T, C)
+        rows = tf.reduce_sum(values, spatial) if spatial else values
+        return tf.math.unsorted_segment_sum(rows, task_ids, num_tasks) / tf.maximum(
+            counts, 1.0)[:, None]
+
+    mean = task_mean(x)
+    variance = task_mean(tf.square(x - broadcast_rows(tf.gather(mean, task_ids), len(spatial))))
+    return mean, variance, counts > 0
+
+
+def normalize(x, task_ids, mean, variance, epsilon):
+    """`(x_i - mean[t_i]) / sqrt(variance[t_i] + epsilon)`."""
+    spatial = len(x.shape) - 2
+    return (x - broadcast_rows(tf.gather(mean, task_ids), spatial)) * broadcast_rows(
+        tf.gather(tf.math.rsqrt(variance + epsilon), task_ids), spatial)
+
+
+def broadcast_rows(per_row, spatial_dims):
     """`(N, C)` -> `(N, 1, ..., 1, C)` to broadcast over the spatial axes."""
     return tf.reshape(per_row, [-1] + [1] * spatial_dims + [per_row.shape[-1]])
