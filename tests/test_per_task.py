@@ -119,3 +119,27 @@ def test_saves_and_reloads_in_a_functional_model(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(loaded(inputs), model(inputs), rtol=1e-6)
     assert loaded.get_layer("conv").get_config() == model.get_layer("conv").get_config()
+
+
+@pytest.mark.parametrize("backbone", ["lenet", "resnet"])
+def test_per_task_twin_keeps_each_task_apart(backbone):
+    import tf_mtl
+    from tf_mtl import backbones
+    from tf_mtl.tasks import classification
+
+    twin = backbones.BACKBONES[backbone](0.25, num_tasks=2)
+    model = tf_mtl.MultiTaskModel(
+        twin, [classification("a", 3), classification("b", 3)], (28, 28, 1))
+    shared = backbones.BACKBONES[backbone](0.25)
+    tf_mtl.MultiTaskModel(shared, [classification("a", 3)], (28, 28, 1))
+    # The same architecture, with two copies of every backbone weight.
+    assert [tuple(w.shape) for l in twin for w in l.weights] == [
+        (2,) + tuple(w.shape) for l in shared for w in l.weights]
+    x = np.random.RandomState(0).rand(4, 28, 28, 1).astype("float32")
+    before = model(x)
+    for layer in twin:  # task b's copies changed: task a's outputs are not
+        for w in layer.weights:
+            w.assign(tf.tensor_scatter_nd_update(w, [[1]], [w[1] * 2.0 + 1.0]))
+    after = model(x)
+    np.testing.assert_allclose(after["a"], before["a"], rtol=1e-6)
+    assert not np.allclose(after["b"], before["b"])

@@ -15,32 +15,67 @@ own task ids), so the convolution and normalisation before it run once for
 all tasks. From there on, normalisation uses each task's own batch
 statistics (`TaskBatchNormalization`): the routed rows of a task compute
 what that task's own pass would.
+
+Every backbone has a *per-task twin*, `lenet(..., num_tasks=T)`: the same
+architecture with one copy of every weight per task (`tf_mtl.layers.PerTask*`),
+routed from its first layer: SMTL's private encoders, a one-model STL.
 """
 
 import keras
 
-from tf_mtl.layers.base import apply_conditioned
+from tf_mtl.layers.base import TaskConditioned, apply_conditioned
+from tf_mtl.layers.per_task import (
+    PerTaskBatchNormalization,
+    PerTaskConv2D,
+    PerTaskDense,
+)
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 
+# Keras' default momentum 0.99 leaves a third of the initial statistics
+# after 100 steps: too slow for runs of a few hundred steps per epoch.
+_MOMENTUM = 0.9
 
-def _norm():
-    # Keras' default momentum 0.99 leaves a third of the initial statistics
-    # after 100 steps: too slow for runs of a few hundred steps per epoch.
-    return TaskBatchNormalization(momentum=0.9)
+
+def _norm(num_tasks=None):
+    if num_tasks:
+        return PerTaskBatchNormalization(num_tasks, momentum=_MOMENTUM)
+    return TaskBatchNormalization(momentum=_MOMENTUM)
+
+
+def _conv(num_tasks, filters, kernel_size, strides=1, padding="same"):
+    if num_tasks:
+        return PerTaskConv2D(num_tasks, filters, kernel_size, strides=strides,
+                             padding=padding, use_bias=False)
+    return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding,
+                               use_bias=False)
+
+
+def _dense(num_tasks, units):
+    return PerTaskDense(num_tasks, units) if num_tasks else keras.layers.Dense(units)
+
+
+def _apply(layer, x, task_ids, training):
+    """Calls a plain layer on `x`, a task-aware one on `(x, task_ids)`."""
+    if isinstance(layer, (TaskConditioned, TaskBatchNormalization)):
+        return layer(x, task_ids, training=training)
+    return layer(x, training=training)
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
 class Block(keras.layers.Layer):
     """A backbone layer holding conditioning sites.
 
-    Subclasses create their sublayers in `__init__`, declare the channels of
-    each site in `site_channels`, and route every site through `self._site`.
+    Subclasses create their sublayers in `__init__` (per-task copies when
+    `num_tasks` is set), declare the channels of each site in
+    `site_channels`, enter the routed part with `self._enter` and route every
+    site through `self._site`.
     """
 
     site_channels = ()
 
-    def __init__(self, **kwargs):
+    def __init__(self, num_tasks=None, **kwargs):
         super().__init__(**kwargs)
+        self.num_tasks = num_tasks
         self.conditioned = {}
 
     def condition(self, site, layer):
@@ -57,7 +92,14 @@ class Block(keras.layers.Layer):
         self.conditioned[str(site)] = layer
 
     def routes_tasks(self, training):
-        return any(l.routes_tasks(training) for l in self.conditioned.values())
+        return bool(self.num_tasks) or any(
+            l.routes_tasks(training) for l in self.conditioned.values())
+
+    def _enter(self, x, task_ids, route):
+        """A per-task block routes its rows before its first layer."""
+        if self.num_tasks and task_ids is None:
+            return route(x)
+        return x, task_ids
 
     def conditioned_layers(self):
         return list(self.conditioned.values())
@@ -71,6 +113,7 @@ class Block(keras.layers.Layer):
     def get_config(self):
         return {
             **super().get_config(),
+            "num_tasks": self.num_tasks,
             "conditioned": {site: keras.saving.serialize_keras_object(layer)
                             for site, layer in self.conditioned.items()},
         }
@@ -95,18 +138,16 @@ class ConvUnit(Block):
     """Conv2D -> BatchNorm -> [site] -> activation -> optional max-pool."""
 
     def __init__(self, filters, kernel_size=3, strides=1, padding="same",
-                 pool_size=None, activation="relu", **kwargs):
-        super().__init__(**kwargs)
+                 pool_size=None, activation="relu", num_tasks=None, **kwargs):
+        super().__init__(num_tasks, **kwargs)
         self.filters = filters
         self.kernel_size = kernel_size
         self.strides = strides
         self.padding = padding
         self.pool_size = pool_size
         self.activation_name = activation
-        self.conv = keras.layers.Conv2D(
-            filters, kernel_size, strides=strides, padding=padding, use_bias=False
-        )
-        self.norm = _norm()
+        self.conv = _conv(num_tasks, filters, kernel_size, strides, padding)
+        self.norm = _norm(num_tasks)
         self.activation = keras.layers.Activation(activation)
         self.pool = keras.layers.MaxPooling2D(pool_size) if pool_size else None
 
@@ -121,7 +162,9 @@ class ConvUnit(Block):
                 "activation": self.activation_name}
 
     def call(self, x, task_ids=None, training=None, route=None):
-        x = self.norm(self.conv(x), task_ids, training=training)
+        x, task_ids = self._enter(x, task_ids, route)
+        x = _apply(self.conv, x, task_ids, training)
+        x = self.norm(x, task_ids, training=training)
         x, task_ids = self._site(0, x, task_ids, training, route)
         x = self.activation(x)
         return (self.pool(x) if self.pool is not None else x), task_ids
@@ -131,11 +174,11 @@ class ConvUnit(Block):
 class DenseUnit(Block):
     """Dense -> [site] -> activation."""
 
-    def __init__(self, units, activation="relu", **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, units, activation="relu", num_tasks=None, **kwargs):
+        super().__init__(num_tasks, **kwargs)
         self.units = units
         self.activation_name = activation
-        self.dense = keras.layers.Dense(units)
+        self.dense = _dense(num_tasks, units)
         self.activation = keras.layers.Activation(activation)
 
     @property
@@ -147,7 +190,9 @@ class DenseUnit(Block):
                 "activation": self.activation_name}
 
     def call(self, x, task_ids=None, training=None, route=None):
-        x, task_ids = self._site(0, self.dense(x), task_ids, training, route)
+        x, task_ids = self._enter(x, task_ids, route)
+        x = _apply(self.dense, x, task_ids, training)
+        x, task_ids = self._site(0, x, task_ids, training, route)
         return self.activation(x), task_ids
 
 
@@ -157,15 +202,12 @@ class ResidualUnit(Block):
     two convolutions' normalisation; the projection shortcut has no site.
     """
 
-    def __init__(self, filters, strides=1, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, filters, strides=1, num_tasks=None, **kwargs):
+        super().__init__(num_tasks, **kwargs)
         self.filters = filters
         self.strides = strides
-        conv = lambda s: keras.layers.Conv2D(
-            filters, 3, strides=s, padding="same", use_bias=False
-        )
-        self.conv1, self.norm1 = conv(strides), _norm()
-        self.conv2, self.norm2 = conv(1), _norm()
+        self.conv1, self.norm1 = _conv(num_tasks, filters, 3, strides), _norm(num_tasks)
+        self.conv2, self.norm2 = _conv(num_tasks, filters, 3), _norm(num_tasks)
         self.shortcut = None
 
     @property
@@ -174,23 +216,24 @@ class ResidualUnit(Block):
 
     def build(self, input_shape):
         if self.strides != 1 or input_shape[-1] != self.filters:
-            self.shortcut = [
-                keras.layers.Conv2D(self.filters, 1, strides=self.strides,
-                                    use_bias=False),
-                _norm(),
-            ]
+            self.shortcut = [_conv(self.num_tasks, self.filters, 1, self.strides),
+                             _norm(self.num_tasks)]
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters,
                 "strides": self.strides}
 
     def call(self, x, task_ids=None, training=None, route=None):
+        x, task_ids = self._enter(x, task_ids, route)
         skip = x
         if self.shortcut is not None:
-            skip = self.shortcut[1](self.shortcut[0](x), task_ids, training=training)
-        h = self.norm1(self.conv1(x), task_ids, training=training)
+            conv, norm = self.shortcut
+            skip = norm(_apply(conv, x, task_ids, training), task_ids, training=training)
+        h = self.norm1(_apply(self.conv1, x, task_ids, training), task_ids,
+                       training=training)
         h, ids = self._site(0, h, task_ids, training, route)
-        h = self.norm2(self.conv2(keras.ops.relu(h)), ids, training=training)
+        h = _apply(self.conv2, keras.ops.relu(h), ids, training)
+        h = self.norm2(h, ids, training=training)
         h, ids = self._site(1, h, ids, training, route)
         if task_ids is None and ids is not None:  # routed inside this block
             skip, _ = route(skip)
@@ -212,34 +255,38 @@ def _scaled(channels, width):
     return max(1, round(channels * width))
 
 
-def lenet(width=1.0):
+def lenet(width=1.0, num_tasks=None):
     """LeNet-style CNN for 28x28 inputs (the MultiMNIST network of Sener &
     Koltun 2018 with batch normalisation): two 5x5 convolutions with 2x2
-    max-pooling, then a dense layer. 3 sites; `width` scales every layer.
+    max-pooling, then a dense layer. 3 sites; `width` scales every layer;
+    `num_tasks` makes the per-task twin.
     """
     return [
-        ConvUnit(_scaled(20, width), 5, padding="valid", pool_size=2),
-        ConvUnit(_scaled(50, width), 5, padding="valid", pool_size=2),
+        ConvUnit(_scaled(20, width), 5, padding="valid", pool_size=2,
+                 num_tasks=num_tasks),
+        ConvUnit(_scaled(50, width), 5, padding="valid", pool_size=2,
+                 num_tasks=num_tasks),
         keras.layers.Flatten(),
-        DenseUnit(_scaled(256, width)),
+        DenseUnit(_scaled(256, width), num_tasks=num_tasks),
     ]
 
 
-def resnet(width=1.0, blocks_per_stage=1):
+def resnet(width=1.0, blocks_per_stage=1, num_tasks=None):
     """A small ResNet: a 3x3 stem convolution, three stages of residual
     blocks (16, 32, 64 channels times `width`, the last two at stride 2) and
     global average pooling. With one block per stage it has 7 sites, the last
-    6 being the block convolutions.
+    6 being the block convolutions. `num_tasks` makes the per-task twin.
     """
     if int(blocks_per_stage) < 1:
         raise ValueError(
             f"`blocks_per_stage` must be >= 1. Received: {blocks_per_stage}"
         )
-    layers = [ConvUnit(_scaled(16, width), 3)]
+    layers = [ConvUnit(_scaled(16, width), 3, num_tasks=num_tasks)]
     for stage, channels in enumerate((16, 32, 64)):
         for block in range(blocks_per_stage):
             strides = 2 if stage > 0 and block == 0 else 1
-            layers.append(ResidualUnit(_scaled(channels, width), strides))
+            layers.append(ResidualUnit(_scaled(channels, width), strides,
+                                       num_tasks=num_tasks))
     layers.append(keras.layers.GlobalAveragePooling2D())
     return layers
 
