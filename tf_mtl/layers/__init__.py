@@ -1,6 +1,7 @@
 """Task-conditioned Keras layers: `layer(x, task_ids)`."""
 
 from tf_mtl.layers.base import ObjectiveScope, TaskConditioned, objective_scope
+from tf_mtl.layers.gate import EncoderGate
 from tf_mtl.layers.per_task import (
     PerTaskBatchNormalization,
     PerTaskConv2D,
@@ -10,7 +11,7 @@ from tf_mtl.layers.progressive_mask import ProgressiveMask
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 
 __all__ = [
-    "TaskConditioned", "ProgressiveMask", "TaskBatchNormalization",
+    "TaskConditioned", "ProgressiveMask", "TaskBatchNormalization", "EncoderGate",
     "PerTaskDense", "PerTaskConv2D", "PerTaskBatchNormalization",
     "ObjectiveScope", "objective_scope",
 ]

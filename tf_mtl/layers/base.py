@@ -130,6 +130,27 @@ class TaskConditioned(keras.layers.Layer):
         return x_shape
 
 
+def draw_counter(layer):
+    """The count of a layer's random draws, as a weight: draw i uses the
+    stateless seed `(seed, i)`, so a run resumed from a checkpoint draws
+    what an uninterrupted run would."""
+    return layer.add_weight(shape=(), dtype="int32", name="draws", trainable=False,
+                            initializer="zeros", aggregation="only_first_replica")
+
+
+def next_seed(seed, draws, per_replica=False):
+    """The stateless seed of the next draw, counted in `draws`. With
+    `per_replica`, replicas (which hold different rows) draw differently;
+    otherwise every replica draws the same."""
+    value = tf.stack([tf.constant(seed, tf.int32), draws.value])
+    draws.assign_add(1)
+    replica = tf.distribute.get_replica_context()
+    if per_replica and replica is not None:
+        value = tf.random.experimental.stateless_fold_in(
+            value, replica.replica_id_in_sync_group)
+    return value
+
+
 def task_weights(row_weights, task_ids, num_tasks):
     """The weight of each task in the objective, `(T,)`: the sum of its
     rows' weights. A per-task term weighted so counts once per task, like

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_mtl.layers.base import TaskConditioned, task_weights
+from tf_mtl.layers.base import TaskConditioned, draw_counter, next_seed, task_weights
 
 tfd = tfp.distributions
 
@@ -219,10 +219,7 @@ class ProgressiveMask(TaskConditioned):
             shape=(), name="target_capacity", trainable=False,
             initializer=keras.initializers.Constant(1.0 - self.eps),
         )
-        self.draws = self.add_weight(
-            shape=(), dtype="int32", name="draws", trainable=False,
-            initializer="zeros", aggregation="only_first_replica",
-        )
+        self.draws = draw_counter(self)
         if self.mask_learning_rate is not None:
             # Built here, so under the strategy scope the layer is built in.
             self._mask_optimizer = keras.optimizers.SGD(self.mask_learning_rate)
@@ -241,21 +238,11 @@ class ProgressiveMask(TaskConditioned):
             return tfd.Bernoulli(probs=probs, dtype=probs.dtype)
         return tfd.Normal(loc=tf.ones_like(probs), scale=gaussian_scale(probs))
 
-    def _seed(self):
-        seed = tf.stack([tf.constant(self.seed, tf.int32), self.draws.value])
-        self.draws.assign_add(1)
-        if self.sample_per == "example":
-            # Replicas hold different examples: give them different draws.
-            # One mask per task stays the same on every replica (Algorithm 1).
-            replica = tf.distribute.get_replica_context()
-            if replica is not None:
-                seed = tf.random.experimental.stateless_fold_in(
-                    seed, replica.replica_id_in_sync_group)
-        return seed
-
     def _sample(self, dist):
         # One draw of the masks; tests replace it to enumerate masks exactly.
-        return dist.sample(seed=self._seed())
+        # One mask per task is the same on every replica (Algorithm 1).
+        return dist.sample(seed=next_seed(self.seed, self.draws,
+                                          per_replica=self.sample_per == "example"))
 
     def call(self, x, task_ids, training=None):
         if not training:
