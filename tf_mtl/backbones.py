@@ -240,6 +240,23 @@ class ResidualUnit(Block):
         return keras.ops.relu(h + skip), ids
 
 
+def run_layers(layers, x, route, training, task_ids=None):
+    """Runs a backbone (a list of layers) on `x`; rows without a task yet
+    (`task_ids` None) enter the routed part through `route` at the first
+    layer that routes in this mode. Returns the output and the task of each
+    row once routed (None before)."""
+    for layer in layers:
+        if isinstance(layer, Block):
+            x, task_ids = layer(x, task_ids, training=training, route=route)
+        elif isinstance(layer, TaskConditioned):
+            x, task_ids = apply_conditioned(layer, x, task_ids, training, route)
+        elif isinstance(layer, TaskBatchNormalization):
+            x = layer(x, task_ids, training=training)
+        else:
+            x = layer(x, training=training)
+    return x, task_ids
+
+
 def sites(backbone):
     """Every `(block, site, channels)` of a backbone, in forward order."""
     return [

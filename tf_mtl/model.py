@@ -5,13 +5,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mtl import tasks as tasks_module
-from tf_mtl.backbones import Block
-from tf_mtl.layers.base import (
-    TaskConditioned,
-    apply_conditioned,
-    objective_scope,
-    tile_tasks,
-)
+from tf_mtl.backbones import Block, run_layers
+from tf_mtl.layers.base import TaskConditioned, objective_scope, tile_tasks
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 from tf_mtl.training import ConditionedTraining
 
@@ -174,24 +169,8 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             route = lambda rows: tile_tasks(rows, self.num_tasks)
         else:
             route = lambda rows: (rows, task_ids)
-        features, routed = self._run(self.backbone, x, route, training)
+        features, routed = run_layers(self.backbone, x, route, training)
         return features, task_ids if routed is None else routed
-
-    def _run(self, layers, x, route, training):
-        """Runs `layers`; rows enter the routed part through `route` at the
-        first conditioned layer active in this mode. Returns the output and
-        the task of each row once routed (None before)."""
-        task_ids = None
-        for layer in layers:
-            if isinstance(layer, Block):
-                x, task_ids = layer(x, task_ids, training=training, route=route)
-            elif isinstance(layer, TaskConditioned):
-                x, task_ids = apply_conditioned(layer, x, task_ids, training, route)
-            elif isinstance(layer, TaskBatchNormalization):
-                x = layer(x, task_ids, training=training)
-            else:
-                x = layer(x, training=training)
-        return x, task_ids
 
     def _heads(self, features, row_tasks, training):
         """Per-task predictions, and each task's row indices when routed."""
@@ -303,7 +282,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         x, _, labels = self._unpack(data)
         stem, suffix = self.backbone[:first], self.backbone[first:]
         with tf.GradientTape() as stem_tape:
-            shared, _ = self._run(stem, x, None, True)  # no layer routes there
+            shared, _ = run_layers(stem, x, None, True)  # no layer routes there
         stem_ids = {id(v) for layer in stem for v in layer.trainable_variables}
         variables = self.trainable_variables
         rest = [v for v in variables if id(v) not in stem_ids]
@@ -320,7 +299,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                 tape.watch(inputs)
                 row_tasks = tf.fill([batch], t)
                 with objective_scope() as scope:
-                    features, _ = self._run(suffix, inputs,
+                    features, _ = run_layers(suffix, inputs,
                                             lambda rows: (rows, row_tasks), True)
                 pred = self.heads[task.name](features, training=True)
                 losses = [tf.zeros([0])] * self.num_tasks

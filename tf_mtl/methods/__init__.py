@@ -2,6 +2,8 @@
 
 from tf_mtl.methods.hps import hard_sharing
 from tf_mtl.methods.mpps import progressive_sharing
+from tf_mtl.methods.smtl import safe_sharing
 from tf_mtl.methods.stl import single_task, task_view
 
-__all__ = ["hard_sharing", "progressive_sharing", "single_task", "task_view"]
+__all__ = ["hard_sharing", "progressive_sharing", "safe_sharing", "single_task",
+           "task_view"]

@@ -1,0 +1,83 @@
+"""Safe Multi-Task Learning: SMTL and L-SMTL (papers/002, section 3).
+
+A public encoder f_S shared by every task and a private encoder f_t per task
+(the per-task twin of the same backbone definition), mixed per task by the
+gate g_t before the task's decoder h_t (eq. 1):
+
+    y_t = h_t(a_t f_S(x) + (1 - a_t) f_t(x)),
+
+trained on the summed task losses (eq. 2, equal weights as in the reference
+code). With a_t = 0 task t is single-task learning, with a_t = 1 hard
+sharing. L-SMTL makes a_t binary with the Gumbel gate (eqs. 3-4).
+"""
+
+import keras
+
+from tf_mtl.backbones import Block, run_layers
+from tf_mtl.layers.gate import EncoderGate
+from tf_mtl.model import MultiTaskModel
+
+
+@keras.saving.register_keras_serializable(package="tf_mtl")
+class GatedEncoders(Block):
+    """The public encoder, the private encoders and the gates of SMTL.
+
+    The public encoder runs once on the batch (its rows then serve every
+    task); the private encoders run on the routed rows, each task's rows
+    through its own copy; the gate mixes the two per row's task.
+
+    Args:
+        public: the backbone f_S (a list of layers).
+        private: its per-task twin (`tf_mtl.backbones`, `num_tasks=T`).
+        gate: an `EncoderGate`.
+    """
+
+    def __init__(self, public, private, gate, **kwargs):
+        super().__init__(**kwargs)
+        self.public = list(public)
+        self.private = list(private)
+        self.gate = gate
+
+    def routes_tasks(self, training):
+        return True
+
+    def call(self, x, task_ids=None, training=None, route=None):
+        shared, _ = run_layers(self.public, x, route, training, task_ids)
+        private, routed = run_layers(self.private, x, route, training, task_ids)
+        if task_ids is None:
+            shared, _ = route(shared)  # the same rows, one copy per task
+        return self.gate(shared, private, routed, training=training), routed
+
+    def get_config(self):
+        serialize = keras.saving.serialize_keras_object
+        return {**super().get_config(), "public": [serialize(l) for l in self.public],
+                "private": [serialize(l) for l in self.private],
+                "gate": serialize(self.gate)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        deserialize = keras.saving.deserialize_keras_object
+        for key in ("public", "private"):
+            config[key] = [deserialize(l) for l in config[key]]
+        config["gate"] = deserialize(config["gate"])
+        return super().from_config(config)
+
+
+def safe_sharing(backbone, tasks, input_shape, jointly_labelled=True, lite=False,
+                 tau=0.1, seed=0):
+    """An SMTL (or, with `lite=True`, L-SMTL) model.
+
+    Args:
+        backbone: a backbone definition, `backbone(num_tasks=None)` -> list of
+            layers (e.g. `functools.partial(backbones.lenet, 0.5)`): the public
+            encoder and, with `num_tasks=T`, its per-task twin.
+        tasks: the `Task`s; their decoders are the heads.
+        input_shape: shape of one input example.
+        jointly_labelled: data layout (see `MultiTaskModel`).
+        lite, tau, seed: see `EncoderGate`.
+    """
+    gate = EncoderGate(len(tasks), lite=lite, tau=tau, seed=seed, name="smtl_gate")
+    encoders = GatedEncoders(backbone(), backbone(num_tasks=len(tasks)), gate,
+                             name="smtl_encoders")
+    return MultiTaskModel([encoders], tasks, input_shape, jointly_labelled)
