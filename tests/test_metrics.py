@@ -133,3 +133,31 @@ def test_directions_feed_relative_improvement():
     )
 
     assert delta == pytest.approx(5.0)
+
+
+def test_safeness_on_a_hand_made_table():
+    # Task a: two metrics (accuracy up, error down), task b: one.
+    stl = {"a_acc": 0.80, "a_err": 2.0, "b_acc": 0.50}
+    method = {"a_acc": 0.88, "a_err": 2.5, "b_acc": 0.55}
+    tasks = {"a": {"a_acc": True, "a_err": False}, "b": {"b_acc": True}}
+    out = metrics.safeness(method, stl, tasks)
+    assert out["delta"] == pytest.approx({"a_acc": 0.08, "a_err": -0.5, "b_acc": 0.05})
+    # a: (0.08/0.8 - 0.5/2) / 2 = -0.075; b: 0.05/0.5 = 0.1; mean 0.0125.
+    assert out["delta_i"] == pytest.approx(1.25)
+    # a: one of two metrics no worse, b: its one: (0.5 + 1) / 2.
+    assert out["eta_hat"] == pytest.approx(75.0)
+
+
+def test_safeness_counts_equal_as_safe_and_names_missing_metrics():
+    tasks = {"a": {"a_loss": False}}
+    out = metrics.safeness({"a_loss": 1.0}, {"a_loss": 1.0}, tasks)
+    assert out["eta_hat"] == 100.0 and out["delta_i"] == 0.0
+    with pytest.raises(KeyError, match="'a_loss' of task 'a'.*reference"):
+        metrics.safeness({"a_loss": 1.0}, {}, tasks)
+    with pytest.raises(ValueError, match="no metric"):
+        metrics.safeness({}, {}, {"a": {}})
+
+
+def test_task_metrics_groups_each_tasks_metrics():
+    assert metrics.task_metrics([classification("a", 2), classification("b", 3)]) == {
+        "a": {"a_accuracy": True}, "b": {"b_accuracy": True}}
