@@ -322,8 +322,10 @@ def test_load_shuffles_train_only_with_a_seed():
 
     assert first.jointly_labelled is False
     assert len(first.train.element_spec) == 3
-    epoch_1, epoch_2 = task_ids(first.train), task_ids(first.train)
-    assert not np.array_equal(epoch_1, epoch_2)  # Reshuffled every epoch.
+    epoch_1 = task_ids(first.train)
+    np.testing.assert_array_equal(epoch_1, task_ids(first.train))  # the same epoch
+    data.order_callbacks(first.train)[0].on_epoch_begin(1)
+    assert not np.array_equal(epoch_1, task_ids(first.train))  # reshuffled by epoch
     np.testing.assert_array_equal(epoch_1, task_ids(second.train))
     np.testing.assert_array_equal(
         task_ids(first.validation), task_ids(first.validation)

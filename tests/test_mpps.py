@@ -83,16 +83,24 @@ def test_scheduler_updates_targets(update_target):
     phi[1, 0] = 0.5  # a guest that learned to share
     mask.mask_probs.assign(phi)
     logs = {}
-    scheduler.on_epoch_end(0, logs)
+    scheduler.on_epoch_begin(1)
+    scheduler.on_epoch_end(1, logs)
     capacity = 0.99 - (1 / 3) * 0.98  # epoch 1 of 4: course 1 of 0..3
     source = phi if update_target else exclusive_init(*phi.shape, 0.01)
     expected = 1 - capacity / exclusive_capacity(source).numpy() * (1 - source)
     np.testing.assert_allclose(mask.target_probs.numpy(), np.clip(expected, 0.01, 0.99),
                                rtol=1e-5)
     assert mask.target_capacity.numpy() == pytest.approx(capacity)
-    assert logs["ec_target"] == pytest.approx(0.99)  # the target in force in epoch 0
+    assert logs["ec_target"] == pytest.approx(capacity, abs=1e-4)  # in force in epoch 1
     assert logs["ec"] < 0.99 and f"ec_{mask.name}" in logs
     assert len(scheduler.history) == 1 and mask.name in scheduler.history[0]["mask_probs"]
+
+
+def test_fixed_schedule_has_its_target_from_the_first_step():
+    model = _mpps()
+    history = model.fit(_joint_data(), epochs=3, verbose=0,
+                        callbacks=[ExclusiveCapacityScheduler(3, "fullshare")])
+    np.testing.assert_allclose(history.history["ec_target"], [0.01] * 3, atol=1e-4)
 
 
 def test_fit_moves_ec_towards_sharing():
@@ -115,8 +123,9 @@ def _run(tmp_path, epochs, stop_after=None):
             if epoch + 1 == stop_after:
                 raise RuntimeError("interrupted")
 
-    callbacks = [ExclusiveCapacityScheduler(epochs, "linear"),
-                 keras.callbacks.BackupAndRestore(str(tmp_path))]
+    # The backup first: it saves before the scheduler's end-of-epoch work.
+    callbacks = [keras.callbacks.BackupAndRestore(str(tmp_path)),
+                 ExclusiveCapacityScheduler(epochs, "linear")]
     if stop_after:
         callbacks.append(Crash())
     model.fit(_joint_data(), epochs=epochs, verbose=0, callbacks=callbacks)

@@ -73,8 +73,9 @@ def capacity_bounds(eps):
 class ExclusiveCapacityScheduler(keras.callbacks.Callback):
     """The EC scheduler and target update of MPPS (section 3.5, Algorithm 1).
 
-    At the end of epoch i it takes the next target EC
-    `C = C_max - s(i + 1) * (C_max - C_min)` from the schedule `s`
+    At the start of epoch i (Algorithm 1's update at the end of epoch i - 1,
+    with the same Phi) it takes the target EC
+    `C = C_max - s(i) * (C_max - C_min)` from the schedule `s`
     (`sharing_progress`), C_max = 1 - eps (exclusive) and C_min = eps (full
     sharing), and sets every mask's target to
 
@@ -90,8 +91,11 @@ class ExclusiveCapacityScheduler(keras.callbacks.Callback):
     `history` keeps them per epoch with a copy of every Phi, for the figures.
 
     The position needs no state of its own: it is the epoch `fit` passes,
-    which `keras.callbacks.BackupAndRestore` restores, and the C in force is
-    saved in each mask's `target_capacity`.
+    which `keras.callbacks.BackupAndRestore` restores. Setting the target when
+    an epoch begins, not when the last one ends, keeps a checkpoint written
+    at an epoch's end (by a callback before or after this one) complete: a
+    resumed epoch recomputes its target from the restored Phi. A fixed
+    schedule (`fullshare`) so has its target from the first step.
 
     Args:
         epochs: the length of training the schedule spans.
@@ -140,6 +144,16 @@ class ExclusiveCapacityScheduler(keras.callbacks.Callback):
                                     self.frozen_start, self.frozen_end)
         return high - progress * (high - low)
 
+    def on_epoch_begin(self, epoch, logs=None):
+        """Sets every mask's target for `epoch` (Algorithm 1's update, from
+        Phi as the previous epoch left it)."""
+        for mask in self._masks():
+            capacity = self.capacity_at(epoch, mask.eps)
+            source = (mask.mask_probs if self.update_target else
+                      exclusive_init(*mask.mask_probs.shape, mask.eps))
+            mask.target_probs.assign(rescale_capacity(source, capacity, mask.eps))
+            mask.target_capacity.assign(capacity)
+
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
         masks = self._masks()
@@ -155,9 +169,3 @@ class ExclusiveCapacityScheduler(keras.callbacks.Callback):
             "epoch": epoch, **record,
             "mask_probs": {m.name: m.mask_probs.numpy().tolist() for m in masks},
         })
-        for mask in masks:
-            capacity = self.capacity_at(epoch + 1, mask.eps)
-            source = (mask.mask_probs if self.update_target else
-                      exclusive_init(*mask.mask_probs.shape, mask.eps))
-            mask.target_probs.assign(rescale_capacity(source, capacity, mask.eps))
-            mask.target_capacity.assign(capacity)

@@ -138,9 +138,14 @@ class ConditionedTraining:
         if self.built:
             self.build_optimizer()
 
-    def fit(self, *args, **kwargs):
+    def fit(self, x=None, *args, callbacks=None, **kwargs):
+        """Keras' `fit`; data in an order of its own epoch (`tf_mtl.data`)
+        follows `fit`'s epoch, so a resumed run sees the same batches."""
+        from tf_mtl.data import order_callbacks
+
         self.build_optimizer()
-        return super().fit(*args, **kwargs)
+        callbacks = list(callbacks or []) + order_callbacks(x)
+        return super().fit(x, *args, callbacks=callbacks, **kwargs)
 
 
 def _replicas():

@@ -25,10 +25,13 @@ from tf_mtl.data import _utils
 from tf_mtl.data import fashion_groups
 from tf_mtl.data import fashion_mnist
 from tf_mtl.data import multifashion
+from tf_mtl.data import ordering
 from tf_mtl.data import synthetic
 from tf_mtl.data.fashion_mnist import load_fashion_mnist
+from tf_mtl.data.ordering import EpochOrder, epoch_shuffled, order_callbacks
 
-__all__ = ["MultiTaskData", "load", "load_fashion_mnist", "task_counts"]
+__all__ = ["MultiTaskData", "load", "load_fashion_mnist", "task_counts",
+           "EpochOrder", "epoch_shuffled", "order_callbacks"]
 
 # Split sizes of the synthetic datasets, and their tasks.
 SYNTHETIC_SPLIT_SIZES = {"train": 256, "validation": 64, "test": 64}
@@ -41,7 +44,9 @@ class MultiTaskData:
     """The splits of a multi-task dataset and the description of its tasks.
 
     Attributes:
-        train: Training split, shuffled again at every epoch, batched.
+        train: Training split, batched, in the order of its (seed, epoch):
+            see `ordering` (models of tf_mtl follow `fit`'s epoch by
+            themselves; a plain Keras model takes `order_callbacks(train)`).
         validation: Validation split, batched, in a fixed order.
         test: Test split, batched, in a fixed order.
         task_classes: Ordered dict mapping each task name to its number of
@@ -152,14 +157,8 @@ _DATASETS = {
 }
 
 
-def _to_dataset(arrays, batch_size, shuffle_seed=None):
+def _to_dataset(arrays, batch_size):
     dataset = tf.data.Dataset.from_tensor_slices(arrays)
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(
-            len(tf.nest.flatten(arrays)[0]),
-            seed=shuffle_seed,
-            reshuffle_each_iteration=True,
-        )
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -176,7 +175,9 @@ def load(name, batch_size=128, seed=0, data_dir=None, limit=None):
         batch_size: Number of examples per batch.
         seed: Seed of everything random: the validation split and the
             MultiFashion partners (Fashion-MNIST datasets), the examples
-            (synthetic datasets) and the order of the training examples.
+            (synthetic datasets) and the order of the training examples,
+            which in epoch e is a function of (seed, e) alone, so a resumed
+            run sees the batches an uninterrupted one sees.
         data_dir: Folder holding the Fashion-MNIST IDX files; see
             `load_fashion_mnist`. Unused by the synthetic datasets.
         limit: If set, keeps at most `limit` examples per split, for fast
@@ -206,7 +207,7 @@ def load(name, batch_size=128, seed=0, data_dir=None, limit=None):
     spec = _DATASETS[name]
     splits = spec.build(seed, data_dir, limit)
     return MultiTaskData(
-        train=_to_dataset(splits["train"], batch_size, shuffle_seed=seed),
+        train=ordering.epoch_shuffled(splits["train"], batch_size, seed),
         validation=_to_dataset(splits["validation"], batch_size),
         test=_to_dataset(splits["test"], batch_size),
         task_classes=dict(spec.task_classes),
