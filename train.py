@@ -5,12 +5,21 @@
     python train.py --method=stl --dataset=fashion_groups --epochs=5
 
 Writes into --output_dir: `history.json` (Keras History, plus the MPPS
-schedule), `results.json` (test metrics), TensorBoard logs under `logs/`,
-figures (`*.png`), and the export (SavedModel + .tflite) into --export_dir.
+schedule), `results.json` (test metrics), the trained model (`model.keras`;
+STL: `model_<task>.keras`), TensorBoard logs under `logs/`, figures
+(`*.png`), and the export (SavedModel + .tflite) into --export_dir.
+
+Runs resume: a checkpoint of the training state is written under
+`<output_dir>/checkpoint/` at every epoch's end, and rerunning the same
+command continues from it (the data order is a function of seed and epoch,
+so the result equals an uninterrupted run's; an interrupted epoch is redone
+from its start). A finished run rerun is evaluated and exported again
+without training; `--noresume` starts over.
 """
 
 import json
 import os
+import shutil
 import time
 
 from absl import app, flags
@@ -40,6 +49,9 @@ flags.DEFINE_integer("limit", None, "Keep at most this many examples per split."
 flags.DEFINE_string("reference", None,
                     "results.json of a single-task run: prints Delta (MPPS eq. 5) against it.")
 flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras fit verbosity.")
+flags.DEFINE_bool("resume", True,
+                  "Continue from <output_dir>/checkpoint if there is one; false: "
+                  "start over (clears the output dir's checkpoint, logs and results).")
 
 from tf_mtl.methods import hps, mpps  # noqa: E402
 
@@ -63,18 +75,72 @@ def _strategy():
     return tf.distribute.get_strategy()
 
 
-def _fit(model, strategy, train, validation, test, callbacks, log_dir):
+def _progress_callback():
+    import keras
+
+    class Progress(keras.callbacks.Callback):
+        """Keeps the epoch logs, and the `history` of the method's callbacks,
+        in a file beside the checkpoint, so a resumed run reports every
+        epoch. Written before the checkpoint (its callback comes first); an
+        epoch the checkpoint does not hold is dropped on resume."""
+
+        def __init__(self, path, tracked):
+            super().__init__()
+            self.path, self.tracked = path, tracked
+            saved = {"epochs": [], "tracked": {}}
+            if os.path.exists(path):
+                with open(path) as f:
+                    saved = json.load(f)
+            self.epochs = saved["epochs"]
+            for name, callback in tracked.items():
+                callback.history = saved["tracked"].get(name, [])
+            self._resumed = False
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if not self._resumed:  # the checkpoint's epoch is known now
+                self._resumed = True
+                del self.epochs[epoch:]
+                for callback in self.tracked.values():
+                    del callback.history[epoch:]
+                if epoch:
+                    print(f"Resuming at epoch {epoch + 1} from {os.path.dirname(self.path)}")
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epochs.append({k: float(v) for k, v in (logs or {}).items()})
+            tracked = {n: c.history for n, c in self.tracked.items()}
+            with open(self.path + ".tmp", "w") as f:
+                json.dump({"epochs": self.epochs, "tracked": tracked}, f, default=float)
+            os.replace(self.path + ".tmp", self.path)
+
+        def history(self):
+            keys = {k for logs in self.epochs for k in logs}
+            return {k: [logs.get(k) for logs in self.epochs] for k in sorted(keys)}
+
+    return Progress
+
+
+def _fit(model, strategy, train, validation, test, callbacks, name=None):
+    """Trains with a checkpoint in `<output_dir>/checkpoint[/name]`, resumed
+    when there, and TensorBoard logs in `<output_dir>/logs[/name]`; returns
+    the history of every epoch and the test results."""
     import keras
 
     with strategy.scope():  # the optimizer's variables are mirrored too
         model.compile(optimizer=_optimizer())
+    where = lambda folder: os.path.join(FLAGS.output_dir, folder, *([name] if name else []))
+    checkpoint = where("checkpoint")
+    os.makedirs(checkpoint, exist_ok=True)
+    tracked = {type(c).__name__: c for c in callbacks if hasattr(c, "history")}
+    progress = _progress_callback()(os.path.join(checkpoint, "progress.json"), tracked)
     verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
-    history = model.fit(
+    model.fit(
         train, validation_data=validation, epochs=FLAGS.epochs, verbose=verbose,
-        callbacks=callbacks + [keras.callbacks.TensorBoard(log_dir)],
+        callbacks=callbacks + [
+            progress, keras.callbacks.TensorBoard(where("logs")),
+            keras.callbacks.BackupAndRestore(checkpoint, delete_checkpoint=False)],
     )
     results = model.evaluate(test, return_dict=True, verbose=0)
-    return history.history, results
+    return progress.history(), results
 
 
 def _train_single_tasks(data, tasks, input_shape, strategy, backbone, export_dir):
@@ -89,9 +155,9 @@ def _train_single_tasks(data, tasks, input_shape, strategy, backbone, export_dir
             model = single_task(backbone(), task, input_shape)
         histories[task.name], task_results = _fit(
             model, strategy, view(data.train), view(data.validation), view(data.test), [],
-            os.path.join(FLAGS.output_dir, "logs", task.name),
-        )
+            task.name)
         results.update({k: v for k, v in task_results.items() if k != "loss"})
+        model.save(os.path.join(FLAGS.output_dir, f"model_{task.name}.keras"))
         export.export(model, os.path.join(export_dir, task.name))
     return histories, results
 
@@ -133,6 +199,13 @@ def main(argv):
     strategy = _strategy()
     print(f"{FLAGS.strategy} strategy: {strategy.num_replicas_in_sync} replicas")
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.output_dir, "export")
+    if not FLAGS.resume:
+        for name in ("checkpoint", "logs", "history.json", "results.json"):
+            path = os.path.join(FLAGS.output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
 
     extra = {}
@@ -145,7 +218,8 @@ def main(argv):
                 FLAGS, backbone(), tasks, input_shape, data.jointly_labelled,
                 FLAGS.epochs)
         history, results = _fit(model, strategy, data.train, data.validation, data.test,
-                                callbacks, os.path.join(FLAGS.output_dir, "logs"))
+                                callbacks)
+        model.save(os.path.join(FLAGS.output_dir, "model.keras"))
         export.export(model, export_dir)
         for callback in callbacks:
             if isinstance(callback, ExclusiveCapacityScheduler):

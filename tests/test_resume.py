@@ -97,3 +97,59 @@ def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(tmp_p
     mask = resumed.conditioned_layers[0]
     assert int(mask.draws.numpy()) == 3 * 8  # every step's draw, once
     assert scheduler.history[-1]["ec"] == pytest.approx(ref_scheduler.history[-1]["ec"])
+
+
+TRAIN = [sys.executable, os.path.join(ROOT, "train.py"), "--method=mpps",
+         "--dataset=synthetic", "--width=0.5", "--epochs=3", "--batch_size=4",
+         "--mpps_layers=2", "--mpps_frozen_start=0", "--mpps_frozen_end=0",
+         "--verbose=0"]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def _epochs_saved(output_dir):
+    try:
+        with open(os.path.join(output_dir, "checkpoint", "training_metadata.json")) as f:
+            return json.load(f)["epoch"]
+    except (OSError, ValueError):  # not there yet, or being written
+        return 0
+
+
+def test_train_py_killed_in_an_epoch_and_rerun_equals_an_uninterrupted_run(tmp_path):
+    reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+    subprocess.run(TRAIN + [f"--output_dir={reference}"], check=True, env=ENV, cwd=ROOT,
+                   capture_output=True)
+    process = subprocess.Popen(TRAIN + [f"--output_dir={killed}"], env=ENV, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _epochs_saved(killed) < 1:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the second epoch (64 steps)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(os.path.join(killed, "results.json"))  # killed in training
+    rerun = subprocess.run(TRAIN + [f"--output_dir={killed}"], check=True, env=ENV,
+                           cwd=ROOT, capture_output=True, text=True)
+    assert "Resuming at epoch" in rerun.stdout
+
+    done = [keras.saving.load_model(os.path.join(d, "model.keras"))
+            for d in (reference, killed)]
+    for a, b in zip(done[0].weights, done[1].weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7,
+                                   err_msg=a.path)
+    for a, b in zip(done[0].optimizer.variables, done[1].optimizer.variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+    read = lambda d, name: json.load(open(os.path.join(d, name)))
+    history = [read(d, "history.json") for d in (reference, killed)]
+    assert len(history[1]["history"]["loss"]) == 3 and len(history[1]["mpps"]) == 3
+    np.testing.assert_allclose(history[1]["history"]["loss"], history[0]["history"]["loss"],
+                               rtol=1e-5)
+    assert history[1]["mpps"][-1]["ec"] == pytest.approx(history[0]["mpps"][-1]["ec"])
+    results = [read(d, "results.json") for d in (reference, killed)]
+    assert results[1] == pytest.approx(results[0], rel=1e-5)
+
+    # A finished run rerun trains nothing.
+    again = subprocess.run(TRAIN + [f"--output_dir={killed}"], check=True, env=ENV,
+                           cwd=ROOT, capture_output=True, text=True)
+    assert "Resuming at epoch" not in again.stdout
+    assert read(killed, "results.json") == pytest.approx(results[0], rel=1e-5)

@@ -189,3 +189,15 @@ def test_sequential_routing_flag_trains(tmp_path):
                     "--mpps_frozen_end=0")
     assert_task_accuracies(read_json(out / "results.json"))
     assert_export(out / "export")
+
+
+def test_rerun_continues_and_noresume_starts_over(tmp_path):
+    run_train(tmp_path, "--method=hps", "--dataset=synthetic")
+    run_train(tmp_path, "--method=hps", "--dataset=synthetic", "--epochs=2")
+    history = read_json(tmp_path / "history.json")["history"]
+    assert len(history["loss"]) == 2  # epoch 1 kept, epoch 2 trained
+    first_loss = history["loss"][0]
+    run_train(tmp_path, "--method=hps", "--dataset=synthetic", "--noresume")
+    history = read_json(tmp_path / "history.json")["history"]
+    assert len(history["loss"]) == 1 and history["loss"][0] == pytest.approx(first_loss)
+    assert len(os.listdir(tmp_path / "logs")) == 2  # train/ and validation/: one run's
