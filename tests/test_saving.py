@@ -1,6 +1,7 @@
 """Every builder's model saves to `.keras` and reloads, in safe mode, with
 its method state and every optimizer's state, ready to continue `fit`."""
 
+import functools
 import json
 import re
 
@@ -19,6 +20,8 @@ BUILDERS = {
         b, t, (28, 28, 1), joint, num_masked=3, distribution="gaussian",
         routing="sequential"),
     "stl": lambda b, t, joint: methods.single_task(b, t[0], (28, 28, 1)),
+    "lsmtl": lambda b, t, joint: methods.safe_sharing(
+        functools.partial(backbones.lenet, 0.25), t, (28, 28, 1), joint, lite=True),
 }
 
 
