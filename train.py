@@ -17,6 +17,7 @@ from its start). A finished run rerun is evaluated and exported again
 without training; `--noresume` starts over.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -25,7 +26,8 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("method", "mpps", ["hps", "stl", "mpps"], "Method to train.")
+flags.DEFINE_enum("method", "mpps", ["hps", "stl", "mpps", "smtl", "lsmtl"],
+                  "Method to train.")
 flags.DEFINE_enum("dataset", "multifashion",
                   ["multifashion", "fashion_groups", "synthetic", "synthetic_groups"],
                   "Data set (tf_mtl.data.load).")
@@ -47,16 +49,19 @@ flags.DEFINE_string("data_dir", None, "Folder of the Fashion-MNIST IDX files.")
 flags.DEFINE_integer("limit", None, "Keep at most this many examples per split.",
                      lower_bound=1)
 flags.DEFINE_string("reference", None,
-                    "results.json of a single-task run: prints Delta (MPPS eq. 5) against it.")
+                    "results.json of a single-task run: prints Delta (MPPS eq. 5), "
+                    "Delta_I and eta-hat (Safe MTL 4.1) against it.")
 flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras fit verbosity.")
 flags.DEFINE_bool("resume", True,
                   "Continue from <output_dir>/checkpoint if there is one; false: "
                   "start over (clears the output dir's checkpoint, logs and results).")
 
-from tf_mtl.methods import hps, mpps  # noqa: E402
+from tf_mtl.methods import hps, mpps, smtl  # noqa: E402
 
 mpps.define_flags()
-METHODS = {"hps": hps.from_flags, "mpps": mpps.from_flags}
+smtl.define_flags()
+METHODS = {"hps": hps.from_flags, "mpps": mpps.from_flags, "smtl": smtl.from_flags,
+           "lsmtl": functools.partial(smtl.from_flags, lite=True)}
 
 
 def _optimizer():
@@ -162,6 +167,34 @@ def _train_single_tasks(data, tasks, input_shape, strategy, backbone, export_dir
     return histories, results
 
 
+def _load_reference(tasks):
+    """The single-task results of --reference, checked before training."""
+    if not FLAGS.reference:
+        return None
+    try:
+        with open(FLAGS.reference) as f:
+            reference = json.load(f)
+    except (OSError, ValueError) as error:
+        raise app.UsageError(f"--reference={FLAGS.reference}: {error}") from None
+    missing = [k for t in tasks for k in (f"{t.name}_{m.name}" for m in t.metrics)
+               if not isinstance(reference, dict) or k not in reference]
+    if missing:
+        raise app.UsageError(
+            f"--reference={FLAGS.reference} lacks the metrics {missing} of this "
+            "run's tasks: give the results.json of an STL run on the same data set.")
+    return reference
+
+
+def _compare(tasks, results, reference):
+    """Delta (MPPS eq. 5), Delta_I and eta-hat (Safe MTL 4.1) against STL."""
+    from tf_mtl import metrics
+
+    safeness = metrics.safeness(results, reference, metrics.task_metrics(tasks))
+    return {"delta": metrics.relative_improvement(results, reference,
+                                                  metrics.directions(tasks)),
+            "delta_i": safeness["delta_i"], "eta_hat": safeness["eta_hat"]}
+
+
 def _print_table(tasks, results):
     from tf_mtl import metrics
 
@@ -174,11 +207,10 @@ def _print_table(tasks, results):
     if accuracies:
         summary = metrics.accuracy_summary(accuracies)
         print("accuracy   " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-    if FLAGS.reference:
-        with open(FLAGS.reference) as f:
-            reference = json.load(f)
-        delta = metrics.relative_improvement(results, reference, metrics.directions(tasks))
-        print(f"Delta vs {FLAGS.reference}: {delta:+.2f}%")
+    if "vs_reference" in results:
+        compared = results["vs_reference"]
+        print(f"vs {FLAGS.reference}: Delta {compared['delta']:+.2f}%  "
+              f"Delta_I {compared['delta_i']:+.2f}%  eta-hat {compared['eta_hat']:.0f}")
 
 
 def main(argv):
@@ -186,7 +218,7 @@ def main(argv):
     import keras
 
     from tf_mtl import backbones, data as datasets, export, plots
-    from tf_mtl.callbacks import ExclusiveCapacityScheduler
+    from tf_mtl.callbacks import ExclusiveCapacityScheduler, GateHistory
     from tf_mtl.tasks import classification
 
     start = time.time()
@@ -194,8 +226,9 @@ def main(argv):
     data = datasets.load(FLAGS.dataset, FLAGS.batch_size, FLAGS.seed,
                          FLAGS.data_dir, FLAGS.limit)
     tasks = [classification(n, k) for n, k in data.task_classes.items()]
+    reference = _load_reference(tasks)
     input_shape = tuple(data.train.element_spec[0].shape[1:])
-    backbone = lambda: backbones.BACKBONES[FLAGS.backbone](FLAGS.width)
+    backbone = functools.partial(backbones.BACKBONES[FLAGS.backbone], FLAGS.width)
     strategy = _strategy()
     print(f"{FLAGS.strategy} strategy: {strategy.num_replicas_in_sync} replicas")
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.output_dir, "export")
@@ -215,7 +248,7 @@ def main(argv):
     else:
         with strategy.scope():
             model, callbacks = METHODS[FLAGS.method](
-                FLAGS, backbone(), tasks, input_shape, data.jointly_labelled,
+                FLAGS, backbone, tasks, input_shape, data.jointly_labelled,
                 FLAGS.epochs)
         history, results = _fit(model, strategy, data.train, data.validation, data.test,
                                 callbacks)
@@ -230,7 +263,12 @@ def main(argv):
                     plots.plot_share_proportions(
                         callback.history, [t.name for t in tasks],
                         os.path.join(FLAGS.output_dir, "share_proportions.png"))
+            if isinstance(callback, GateHistory):
+                extra["smtl"] = callback.history
+                plots.plot_gates(callback.history, os.path.join(FLAGS.output_dir, "gates.png"))
 
+    if reference is not None:
+        results["vs_reference"] = _compare(tasks, results, reference)
     with open(os.path.join(FLAGS.output_dir, "history.json"), "w") as f:
         json.dump({"history": history, **extra}, f, default=float)
     with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:

@@ -1,4 +1,5 @@
-"""Train-step time and peak memory of MPPS against hard sharing, one process.
+"""Train-step time and peak memory of MPPS against hard sharing, and of
+per-task weights against separate models, one process.
 
     .venv/bin/python benchmarks/speed.py > benchmarks/speed.md
 
@@ -36,7 +37,8 @@ import tensorflow as tf  # noqa: E402
 
 from tf_mtl import backbones  # noqa: E402
 from tf_mtl.layers import objective_scope  # noqa: E402
-from tf_mtl.methods import hard_sharing, progressive_sharing  # noqa: E402
+from tf_mtl.methods import hard_sharing, progressive_sharing, single_task  # noqa: E402
+from tf_mtl.model import MultiTaskModel  # noqa: E402
 from tf_mtl.tasks import classification  # noqa: E402
 
 BATCH = 128
@@ -47,6 +49,10 @@ SETTINGS = [
     ("ResNet, last 6 convs masked", backbones.resnet, 3, True),
     ("FashionGroups CNN (lenet), non-joint", backbones.lenet, 3, False),
     ("ResNet, last 6 convs masked, non-joint", backbones.resnet, 3, False),
+]
+PER_TASK_SETTINGS = [
+    ("lenet", backbones.lenet, 2),
+    ("resnet", backbones.resnet, 3),
 ]
 
 
@@ -132,6 +138,28 @@ def measure(backbone, num_tasks, jointly, blocks=7, steps=10):
     return bound, step, memory
 
 
+def measure_per_task(backbone, num_tasks, blocks=7, steps=10):
+    """Per-task weights (DESIGN.md): the per-task twin of a backbone trained
+    as one model on the T x B tiled rows, against T separate Keras models on
+    B rows each (the Safe MTL reference code's way, one step each) and
+    against hard sharing. Returns the FLOP bound and each run's step time."""
+    tasks = [classification(f"task_{t}", 3) for t in range(num_tasks)]
+    twin = MultiTaskModel(backbone(num_tasks=num_tasks), tasks, SHAPE)
+    hps = hard_sharing(backbone(), tasks, SHAPE)
+    separate = [_trainer(single_task(backbone(), task, SHAPE), 1, True) for task in tasks]
+    runs = {"hps": _trainer(hps, num_tasks, True),
+            "twin": _trainer(twin, num_tasks, True),
+            "separate": lambda n: [run(n) for run in separate]}
+    bound = flop_bound(twin, hard_sharing(backbone(), tasks, SHAPE))
+    times = {name: [] for name in runs}
+    for _ in range(blocks):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(steps)
+            times[name].append((time.perf_counter() - start) / steps)
+    return bound, {name: statistics.median(t) for name, t in times.items()}
+
+
 def main():
     keras.utils.set_random_seed(0)
     print(f"batch {BATCH}, {SHAPE} inputs, {os.cpu_count()} CPU cores, "
@@ -156,6 +184,20 @@ def main():
         print(f"| {name} | {num_tasks} | {bound:.2f} | {1e3 * step['hps']:.1f} | "
               + " | ".join(cells) + f" | {yardstick} | "
               f"{memory['hps'] / 2**20:.1f} |", flush=True)
+
+    print("\nPer-task weights: the per-task twin of the backbone (one model, "
+          "T x B tiled rows) against T separate Keras models on B rows each, "
+          "one step each. Time ratios are over HPS on B rows; B is the FLOP "
+          "bound of the twin over HPS.\n")
+    print("| backbone | T | B (FLOPs) | HPS ms/step | twin: time ratio (/ B) "
+          "| T separate models: time ratio (/ B) | twin / separate |")
+    print("|---|---|---|---|---|---|---|")
+    for name, backbone, num_tasks in PER_TASK_SETTINGS:
+        bound, step = measure_per_task(backbone, num_tasks)
+        twin, separate = step["twin"] / step["hps"], step["separate"] / step["hps"]
+        print(f"| {name} | {num_tasks} | {bound:.2f} | {1e3 * step['hps']:.1f} | "
+              f"{twin:.2f} ({twin / bound:.2f}) | {separate:.2f} ({separate / bound:.2f}) "
+              f"| {step['twin'] / step['separate']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,47 @@ def test_trains_gates_and_encoders_on_both_layouts(lite, joint, tmp_path):
     for name, out in model(x).items():
         np.testing.assert_allclose(loaded(x)[name], out, rtol=1e-5, err_msg=name)
     np.testing.assert_array_equal(loaded.backbone[0].gate.logits, gate.logits)
+
+
+@pytest.mark.parametrize("lite", [False, True])
+def test_export_serves_every_task_from_one_graph_without_flex_ops(lite, tmp_path):
+    from tf_mtl import export
+
+    model = methods.safe_sharing(BACKBONE, TASKS, SHAPE, lite=lite, seed=0)
+    model.backbone[0].gate.logits.assign(
+        [0.4, -0.3] if lite else [[0.2, -0.1], [-0.5, 0.3]])
+    saved, tflite = export.export(model, str(tmp_path))
+    x = np.random.RandomState(1).rand(3, *SHAPE).astype("float32")
+    expected = model(x, training=False)
+    ops = export.graph_op_types(saved)
+    assert not ops & {"DynamicPartition", "DynamicStitch"}
+    interpreter = tf.lite.Interpreter(model_path=tflite)  # no Flex delegate
+    served = interpreter.get_signature_runner()(image=x)
+    for name, out in expected.items():
+        np.testing.assert_allclose(served[name], out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("lite", [False, True])
+def test_mirrored_strategy_equals_one_device(lite, mirrored):
+    # Dense encoders without batch normalisation: splitting a batch between
+    # replicas changes nothing, and the lite gate's one draw per pass is the
+    # same on every replica.
+    def dense(num_tasks=None):
+        return [keras.layers.Flatten(), backbones.DenseUnit(16, num_tasks=num_tasks),
+                backbones.DenseUnit(8, num_tasks=num_tasks)]
+
+    keras.utils.set_random_seed(3)
+    single = methods.safe_sharing(dense, TASKS, SHAPE, lite=lite, seed=4)
+    with mirrored.scope():
+        distributed = methods.safe_sharing(dense, TASKS, SHAPE, lite=lite, seed=4)
+        distributed.set_weights(single.get_weights())
+        distributed.compile(optimizer=keras.optimizers.SGD(0.1))
+    single.compile(optimizer=keras.optimizers.SGD(0.1))
+    ds = data.load("synthetic", batch_size=32, limit=96)
+    expected = single.fit(ds.validation, epochs=2, verbose=0).history
+    got = distributed.fit(ds.validation, epochs=2, verbose=0).history
+    for key in ("loss", "task_0_loss", "task_1_accuracy"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, err_msg=key)
+    for a, b in zip(single.weights, distributed.weights, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6,
+                                   err_msg=a.path)

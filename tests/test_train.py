@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
+from absl import app, flags
 from absl.testing import flagsaver
 
 import train
@@ -131,7 +131,39 @@ def test_reference_flag_prints_relative_improvement(tmp_path, capsys):
     expected = 50.0 * ((results["task_0_accuracy"] - 0.5) / 0.5
                        + (results["task_1_accuracy"] - 0.25) / 0.25)
     assert delta == pytest.approx(expected)
-    assert f"Delta vs {reference}: {delta:+.2f}%" in capsys.readouterr().out
+    compared = results["vs_reference"]
+    assert compared["delta"] == pytest.approx(delta)
+    # One metric per task: Delta_I is Delta; eta-hat counts the tasks no worse.
+    assert compared["delta_i"] == pytest.approx(delta)
+    no_worse = [results["task_0_accuracy"] >= 0.5, results["task_1_accuracy"] >= 0.25]
+    assert compared["eta_hat"] == pytest.approx(50.0 * sum(no_worse))
+    assert f"Delta {delta:+.2f}%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "No such file"),
+    ("{not json", "Expecting property name"),
+    ('{"task_0_accuracy": 0.5}', r"lacks the metrics \['task_1_accuracy'\]"),
+])
+def test_a_bad_reference_is_refused_before_training(tmp_path, content, match):
+    reference = tmp_path / "stl.json"
+    if content is not None:
+        reference.write_text(content)
+    with pytest.raises(app.UsageError, match=match):
+        run_train(tmp_path / "run", "--method=hps", "--dataset=synthetic",
+                  f"--reference={reference}")
+    assert not (tmp_path / "run" / "checkpoint").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("method", ["smtl", "lsmtl"])
+def test_safe_mtl_logs_its_gates_and_draws_them(tmp_path, method):
+    out = run_train(tmp_path, f"--method={method}", "--dataset=synthetic", "--epochs=2")
+    saved = read_json(out / "history.json")
+    assert [r["epoch"] for r in saved["smtl"]] == [0, 1]
+    assert len(saved["history"]["alpha_task_0"]) == 2
+    assert 0.0 < saved["history"]["alpha_task_1"][-1] < 1.0
+    assert os.path.getsize(out / "gates.png") > 0
+    assert_task_accuracies(read_json(out / "results.json"))
 
 
 @pytest.mark.parametrize("method", [
@@ -201,3 +233,11 @@ def test_rerun_continues_and_noresume_starts_over(tmp_path):
     history = read_json(tmp_path / "history.json")["history"]
     assert len(history["loss"]) == 1 and history["loss"][0] == pytest.approx(first_loss)
     assert len(os.listdir(tmp_path / "logs")) == 2  # train/ and validation/: one run's
+
+
+@pytest.mark.parametrize("config", sorted(os.listdir(os.path.join(ROOT, "configs"))))
+def test_every_config_parses(config):
+    with flagsaver.flagsaver():
+        FLAGS(["train.py", f"--flagfile={os.path.join(ROOT, 'configs', config)}"])
+        assert config.startswith(FLAGS.method + "_")
+        assert FLAGS.output_dir == f"runs/{config[:-len('.cfg')]}"

@@ -1,17 +1,18 @@
-"""Callbacks that change sharing state between epochs."""
+"""Callbacks that change or record sharing state between epochs."""
 
 import re
 
 import keras
 import numpy as np
 
-from tf_mtl.training import conditioned_layers
+from tf_mtl.layers.gate import EncoderGate
 from tf_mtl.layers.progressive_mask import (
     ProgressiveMask,
     exclusive_capacity,
     exclusive_init,
     rescale_capacity,
 )
+from tf_mtl.training import conditioned_layers
 
 FIXED_SCHEDULES = ("separ", "fullshare", "linear", "quad")
 SCHEDULES = FIXED_SCHEDULES + ("stepN",)
@@ -169,3 +170,31 @@ class ExclusiveCapacityScheduler(keras.callbacks.Callback):
             "epoch": epoch, **record,
             "mask_probs": {m.name: m.mask_probs.numpy().tolist() for m in masks},
         })
+
+
+class GateHistory(keras.callbacks.Callback):
+    """Logs each task's Safe MTL gate at every epoch's end.
+
+    Logs gain `alpha_{task}`: the weight (soft gate) or the probability
+    (lite gate) of the public encoder for that task. `history` keeps them per
+    epoch for the figure (`tf_mtl.plots.plot_gates`).
+
+    Args:
+        task_names: the model's tasks, in task-id order.
+    """
+
+    def __init__(self, task_names):
+        super().__init__()
+        self.task_names = list(task_names)
+        self.history = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        gates = [l for l in conditioned_layers(self.model) if isinstance(l, EncoderGate)]
+        if not gates:
+            raise ValueError("GateHistory: the model has no EncoderGate "
+                             "(build it with methods.safe_sharing).")
+        alpha = {name: float(a) for name, a in
+                 zip(self.task_names, gates[0].public_probs().numpy())}
+        if logs is not None:
+            logs.update({f"alpha_{name}": a for name, a in alpha.items()})
+        self.history.append({"epoch": epoch, "alpha": alpha})

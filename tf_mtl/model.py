@@ -6,7 +6,12 @@ import tensorflow as tf
 
 from tf_mtl import tasks as tasks_module
 from tf_mtl.backbones import Block, run_layers
-from tf_mtl.layers.base import TaskConditioned, objective_scope, tile_tasks
+from tf_mtl.layers.base import (
+    TaskConditioned,
+    objective_scope,
+    tile_tasks,
+    tiled_rows,
+)
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 from tf_mtl.training import ConditionedTraining
 
@@ -165,29 +170,32 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         """Runs the backbone on a batch serving every task (`task_ids` None)
         or on rows of the given tasks; returns the features and the task of
         each row (None when every row serves every task)."""
-        if task_ids is None:
-            route = lambda rows: tile_tasks(rows, self.num_tasks)
-        else:
-            route = lambda rows: (rows, task_ids)
-        features, routed = run_layers(self.backbone, x, route, training)
-        return features, task_ids if routed is None else routed
+        if task_ids is not None:
+            features, routed = run_layers(self.backbone, x, lambda r: (r, task_ids),
+                                          training)
+            return features, task_ids if routed is None else routed
+        with tiled_rows(self.num_tasks):
+            return run_layers(self.backbone, x,
+                              lambda rows: tile_tasks(rows, self.num_tasks), training)
 
-    def _heads(self, features, row_tasks, training):
-        """Per-task predictions, and each task's row indices when routed."""
+    def _heads(self, features, row_tasks, training, tiled):
+        """Per-task predictions, and each task's row indices when routed
+        (`tiled`: the rows were tiled, not given their tasks by the data)."""
         if row_tasks is None:
             return {n: self.heads[n](features, training=training)
                     for n in self.task_names}, None
-        rows = tf.dynamic_partition(
-            tf.range(tf.shape(features)[0]), row_tasks, self.num_tasks
-        )
-        parts = tf.dynamic_partition(features, row_tasks, self.num_tasks)
+        if tiled:  # task t's rows are the t-th of T equal blocks
+            split = lambda values: tf.split(values, self.num_tasks)
+        else:
+            split = lambda values: tf.dynamic_partition(values, row_tasks, self.num_tasks)
+        rows, parts = split(tf.range(tf.shape(features)[0])), split(features)
         return {n: self.heads[n](p, training=training)
                 for n, p in zip(self.task_names, parts)}, rows
 
     def call(self, x, training=False):
         """`x -> {task_name: output}` for a batch serving every task."""
         features, row_tasks = self.features(x, None, training)
-        return self._heads(features, row_tasks, training)[0]
+        return self._heads(features, row_tasks, training, tiled=True)[0]
 
     # -- training ----------------------------------------------------------
 
@@ -255,7 +263,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         x, task_ids, labels = self._unpack(data)
         with objective_scope() as scope:
             features, row_tasks = self.features(x, task_ids, training)
-        preds, rows = self._heads(features, row_tasks, training)
+        preds, rows = self._heads(features, row_tasks, training, tiled=task_ids is None)
         losses = [self._task_loss(t, labels[t.name], preds[t.name]) for t in self.tasks]
         loss = self._objective(losses, rows, row_tasks, scope)
         self._track_loss(loss, x)

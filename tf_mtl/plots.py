@@ -79,3 +79,22 @@ def plot_share_proportions(records, task_names, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_gates(records, path):
+    """Each task's Safe MTL gate a_t per epoch: 1 is the public encoder
+    (hard sharing), 0 the task's private one (single-task learning).
+
+    `records` is `GateHistory.history`.
+    """
+    epochs = [r["epoch"] + 1 for r in records]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in records[0]["alpha"]:
+        ax.plot(epochs, [r["alpha"][name] for r in records], lw=2, label=name)
+    ax.axhline(0.5, color="k", ls=":", lw=0.8)
+    ax.set(xlabel="epoch", ylabel="a_t (weight of the public encoder)",
+           ylim=(-0.02, 1.02), title="Safe MTL gates")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -64,6 +64,27 @@ def objective_scope():
         stack.pop()
 
 
+@contextlib.contextmanager
+def tiled_rows(num_tasks):
+    """Declares the routed rows of the forward pass traced inside tiled:
+    T equal, contiguous blocks, task t's rows `[t*B, (t+1)*B)`. Layers that
+    hold per-task state then split the rows instead of partitioning them by
+    id: the same values, fewer ops, and graphs TFLite converts without Flex
+    ops (no DynamicPartition / DynamicStitch)."""
+    stack = _scopes.__dict__.setdefault("tiled", [])
+    stack.append(int(num_tasks))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def tiled_tasks():
+    """T when the rows being traced are tiled (`tiled_rows`), else None."""
+    stack = getattr(_scopes, "tiled", None)
+    return stack[-1] if stack else None
+
+
 class TaskConditioned(keras.layers.Layer):
     """Base class of layers whose behaviour depends on the task of each example.
 

@@ -7,8 +7,8 @@ called on a task-routed batch, `layer(x, task_ids)`: row i uses `W[task_ids[i]]`
 A method that mixes the copies (PPNet's passing matrix) acts on that axis.
 
 The rows of each task go through their task's weights in one partitioned
-computation: `dynamic_partition` by task, one matmul / convolution per task on
-its rows, `dynamic_stitch` back. The FLOPs are those of one layer on all the
+computation: `dynamic_partition` by task (a split, where the rows are tiled),
+one matmul / convolution per task on its rows, `dynamic_stitch` back. The FLOPs are those of one layer on all the
 rows, whatever the layout (tiled jointly labelled rows, or the data's own
 task ids), and no task's rows ever meet another task's weights.
 """
@@ -17,12 +17,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_mtl.layers.base import TaskConditioned
+from tf_mtl.layers.base import TaskConditioned, tiled_tasks
 from tf_mtl.layers.task_batch_norm import broadcast_rows, normalize, task_moments
 
 
 def per_task(x, task_ids, num_tasks, apply):
-    """`apply(t, rows_of_task_t)` on each task's rows, stitched back in order."""
+    """`apply(t, rows_of_task_t)` on each task's rows, stitched back in order
+    (split and concatenated where the rows are tiled, `tiled_rows`)."""
+    if tiled_tasks() == num_tasks:
+        return tf.concat([apply(t, part) for t, part in
+                          enumerate(tf.split(x, num_tasks))], axis=0)
     task_ids = tf.cast(task_ids, tf.int32)
     parts = tf.dynamic_partition(x, task_ids, num_tasks)
     rows = tf.dynamic_partition(tf.range(tf.shape(x)[0]), task_ids, num_tasks)

@@ -9,5 +9,8 @@ def hard_sharing(backbone, tasks, input_shape, jointly_labelled=True):
 
 
 def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epochs):
-    """The model and callbacks of `train.py --method=hps`."""
-    return hard_sharing(backbone, tasks, input_shape, jointly_labelled), []
+    """The model and callbacks of `train.py --method=hps`.
+
+    `backbone` is the backbone definition: `backbone()` makes one.
+    """
+    return hard_sharing(backbone(), tasks, input_shape, jointly_labelled), []

@@ -98,12 +98,15 @@ def _valid_schedule(name):
 
 
 def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epochs):
-    """The model and callbacks of `train.py --method=mpps`."""
+    """The model and callbacks of `train.py --method=mpps`.
+
+    `backbone` is the backbone definition: `backbone()` makes one.
+    """
     from tf_mtl.callbacks import ExclusiveCapacityScheduler
 
     f = flag_values
     model = progressive_sharing(
-        backbone, tasks, input_shape, jointly_labelled,
+        backbone(), tasks, input_shape, jointly_labelled,
         num_masked=f.mpps_layers, distribution=f.mpps_distribution,
         eps=f.mpps_eps, beta=f.mpps_beta, sample_per=f.mpps_sample_per,
         baseline_decay=f.mpps_baseline_decay or None,

@@ -81,3 +81,21 @@ def safe_sharing(backbone, tasks, input_shape, jointly_labelled=True, lite=False
     encoders = GatedEncoders(backbone(), backbone(num_tasks=len(tasks)), gate,
                              name="smtl_encoders")
     return MultiTaskModel([encoders], tasks, input_shape, jointly_labelled)
+
+
+def define_flags():
+    """absl flags of `train.py --method=smtl|lsmtl`."""
+    from absl import flags
+
+    flags.DEFINE_float("smtl_tau", 0.1, "Temperature of the lite gate's Gumbel "
+                       "relaxation (eq. 4).", lower_bound=1e-6)
+
+
+def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epochs,
+               lite=False):
+    """The model and callbacks of `train.py --method=smtl` (or `lsmtl`)."""
+    from tf_mtl.callbacks import GateHistory
+
+    model = safe_sharing(backbone, tasks, input_shape, jointly_labelled, lite=lite,
+                         tau=flag_values.smtl_tau, seed=flag_values.seed)
+    return model, [GateHistory([t.name for t in tasks])]
