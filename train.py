@@ -26,7 +26,8 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("method", "mpps", ["hps", "stl", "mpps", "smtl", "lsmtl"],
+flags.DEFINE_enum("method", "mpps",
+                  ["hps", "stl", "mpps", "smtl", "lsmtl", "smtl_c", "lsmtl_c"],
                   "Method to train.")
 flags.DEFINE_enum("dataset", "multifashion",
                   ["multifashion", "fashion_groups", "synthetic", "synthetic_groups"],
@@ -60,8 +61,12 @@ from tf_mtl.methods import hps, mpps, smtl  # noqa: E402
 
 mpps.define_flags()
 smtl.define_flags()
-METHODS = {"hps": hps.from_flags, "mpps": mpps.from_flags, "smtl": smtl.from_flags,
-           "lsmtl": functools.partial(smtl.from_flags, lite=True)}
+METHODS = {
+    "hps": hps.from_flags, "mpps": mpps.from_flags, "smtl": smtl.from_flags,
+    "lsmtl": functools.partial(smtl.from_flags, lite=True),
+    "smtl_c": functools.partial(smtl.from_flags, gates_after_decoders=True),
+    "lsmtl_c": functools.partial(smtl.from_flags, lite=True, gates_after_decoders=True),
+}
 
 
 def _optimizer():

@@ -1,7 +1,8 @@
 """Train-step time and peak memory of MPPS against hard sharing, and of
 per-task weights against separate models, one process.
 
-    .venv/bin/python benchmarks/speed.py > benchmarks/speed.md
+    .venv/bin/python benchmarks/speed.py > benchmarks/speed.md   # both tables
+    .venv/bin/python benchmarks/speed.py per_task                 # one of them
 
 For each setting it builds an HPS and an MPPS model on the same backbone
 (MPPS with both routings of jointly labelled batches: one tiled pass, and one
@@ -114,6 +115,18 @@ def _peak_memory(run, steps=5):
     return tf.config.experimental.get_memory_info("CPU:0")["peak"]
 
 
+def _step_times(runs, blocks, steps):
+    """Median seconds per step of each run, over alternating blocks of steps
+    (so machine noise hits every run alike)."""
+    times = {name: [] for name in runs}
+    for _ in range(blocks):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(steps)
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def measure(backbone, num_tasks, jointly, blocks=7, steps=10):
     """Median step time and peak memory of each run, and B."""
     tasks = [classification(f"task_{t}", 3) for t in range(num_tasks)]
@@ -127,14 +140,8 @@ def measure(backbone, num_tasks, jointly, blocks=7, steps=10):
         bound = flop_bound(mpps("tiled"), hps())
         runs["sequential"] = _trainer(mpps("sequential"), num_tasks, jointly)
         runs["hps_tb"] = _trainer(hps(), num_tasks, jointly, num_tasks * BATCH)
-    times = {name: [] for name in runs}
-    for _ in range(blocks):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run(steps)
-            times[name].append((time.perf_counter() - start) / steps)
+    step = _step_times(runs, blocks, steps)
     memory = {name: _peak_memory(run) for name, run in runs.items()}
-    step = {name: statistics.median(t) for name, t in times.items()}
     return bound, step, memory
 
 
@@ -146,22 +153,25 @@ def measure_per_task(backbone, num_tasks, blocks=7, steps=10):
     tasks = [classification(f"task_{t}", 3) for t in range(num_tasks)]
     twin = MultiTaskModel(backbone(num_tasks=num_tasks), tasks, SHAPE)
     hps = hard_sharing(backbone(), tasks, SHAPE)
-    separate = [_trainer(single_task(backbone(), task, SHAPE), 1, True) for task in tasks]
+    # Independent models: each trains its own copy of task_0's batch.
+    separate = [_trainer(single_task(backbone(), classification("task_0", 3), SHAPE),
+                         1, True) for _ in tasks]
     runs = {"hps": _trainer(hps, num_tasks, True),
             "twin": _trainer(twin, num_tasks, True),
             "separate": lambda n: [run(n) for run in separate]}
     bound = flop_bound(twin, hard_sharing(backbone(), tasks, SHAPE))
-    times = {name: [] for name in runs}
-    for _ in range(blocks):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run(steps)
-            times[name].append((time.perf_counter() - start) / steps)
-    return bound, {name: statistics.median(t) for name, t in times.items()}
+    return bound, _step_times(runs, blocks, steps)
 
 
-def main():
+def main(sections):
     keras.utils.set_random_seed(0)
+    if "mpps" in sections:
+        mpps_table()
+    if "per_task" in sections:
+        per_task_table()
+
+
+def mpps_table():
     print(f"batch {BATCH}, {SHAPE} inputs, {os.cpu_count()} CPU cores, "
           f"TensorFlow {tf.__version__}; median of 7 blocks of 10 steps. "
           "Ratios are MPPS / HPS on the same batch; peak memory in MiB.\n")
@@ -185,6 +195,8 @@ def main():
               + " | ".join(cells) + f" | {yardstick} | "
               f"{memory['hps'] / 2**20:.1f} |", flush=True)
 
+
+def per_task_table():
     print("\nPer-task weights: the per-task twin of the backbone (one model, "
           "T x B tiled rows) against T separate Keras models on B rows each, "
           "one step each. Time ratios are over HPS on B rows; B is the FLOP "
@@ -201,4 +213,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:] or ["mpps", "per_task"])

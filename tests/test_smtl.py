@@ -23,13 +23,21 @@ def _copy(source_layers, target_layers, task=None):
         target.set_weights([w[task] for w in weights] if task is not None else weights)
 
 
+def _gates(model):
+    from tf_mtl.layers import EncoderGate
+
+    return [l for l in model.conditioned_layers if isinstance(l, EncoderGate)]
+
+
+@pytest.mark.parametrize("after", [False, True])
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_gate_at_zero_is_stl_and_at_one_is_hard_sharing(alpha):
-    model = methods.safe_sharing(BACKBONE, TASKS, SHAPE)
+def test_gate_at_zero_is_stl_and_at_one_is_hard_sharing(alpha, after):
+    model = methods.safe_sharing(BACKBONE, TASKS, SHAPE, gates_after_decoders=after)
     encoders = model.backbone[0]
     # Exactly 0 or 1 through the softmax of the soft gate.
     big = 1e9
-    encoders.gate.logits.assign([[0.0, -big]] * 2 if alpha else [[-big, 0.0]] * 2)
+    for gate in _gates(model):
+        gate.logits.assign([[0.0, -big] if alpha else [-big, 0.0]] * gate.num_tasks)
     x = np.random.RandomState(0).rand(5, *SHAPE).astype("float32")
     outputs = model(x)
     for t, task in enumerate(TASKS):
@@ -39,37 +47,46 @@ def test_gate_at_zero_is_stl_and_at_one_is_hard_sharing(alpha):
         else:  # STL on task t's private encoder
             reference = methods.single_task(BACKBONE(), task, SHAPE)
             _copy(encoders.private, reference.backbone, task=t)
-        reference.heads[task.name].set_weights(model.heads[task.name].get_weights())
+        head = model.heads[task.name]
+        if after:  # SMTL_c: the public or the private decoder
+            head = head.public if alpha else head.private
+        reference.heads[task.name].set_weights(head.get_weights())
         np.testing.assert_allclose(outputs[task.name], reference(x)[task.name],
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("lite", [False, True])
-@pytest.mark.parametrize("joint", [True, False])
-def test_trains_gates_and_encoders_on_both_layouts(lite, joint, tmp_path):
+@pytest.mark.parametrize("lite, after, joint", [
+    (False, False, True), (True, False, True), (False, False, False),
+    (True, False, False), (False, True, True), (True, True, False)])
+def test_trains_gates_and_encoders_on_both_layouts(lite, after, joint, tmp_path):
+    from tf_mtl.callbacks import GateHistory
+
     ds = data.load("synthetic" if joint else "synthetic_groups", batch_size=32, limit=96)
-    model = methods.safe_sharing(BACKBONE, TASKS, SHAPE, joint, lite=lite, seed=1)
-    gate = model.backbone[0].gate
+    model = methods.safe_sharing(BACKBONE, TASKS, SHAPE, joint, lite=lite, seed=1,
+                                 gates_after_decoders=after)
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
-    model.fit(ds.train, epochs=2, verbose=0)
-    assert not np.allclose(gate.logits.numpy(), 0.0)
-    probs = gate.public_probs().numpy()
+    history = GateHistory([t.name for t in TASKS])
+    model.fit(ds.train, epochs=2, verbose=0, callbacks=[history])
+    assert all(not np.allclose(g.logits.numpy(), 0.0) for g in _gates(model))
+    probs = np.array(list(history.history[-1]["alpha"].values()))
     assert probs.shape == (2,) and np.all((probs > 0) & (probs < 1))
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     x = next(iter(ds.test))[0]
     for name, out in model(x).items():
         np.testing.assert_allclose(loaded(x)[name], out, rtol=1e-5, err_msg=name)
-    np.testing.assert_array_equal(loaded.backbone[0].gate.logits, gate.logits)
+    for a, b in zip(_gates(model), _gates(loaded), strict=True):
+        np.testing.assert_array_equal(a.logits, b.logits)
 
 
-@pytest.mark.parametrize("lite", [False, True])
-def test_export_serves_every_task_from_one_graph_without_flex_ops(lite, tmp_path):
+@pytest.mark.parametrize("lite, after", [(False, False), (True, False), (True, True)])
+def test_export_serves_every_task_from_one_graph_without_flex_ops(lite, after, tmp_path):
     from tf_mtl import export
 
-    model = methods.safe_sharing(BACKBONE, TASKS, SHAPE, lite=lite, seed=0)
-    model.backbone[0].gate.logits.assign(
-        [0.4, -0.3] if lite else [[0.2, -0.1], [-0.5, 0.3]])
+    model = methods.safe_sharing(BACKBONE, TASKS, SHAPE, lite=lite, seed=0,
+                                 gates_after_decoders=after)
+    for gate in _gates(model):
+        gate.logits.assign(tf.random.normal(gate.logits.shape))
     saved, tflite = export.export(model, str(tmp_path))
     x = np.random.RandomState(1).rand(3, *SHAPE).astype("float32")
     expected = model(x, training=False)

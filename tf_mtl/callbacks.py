@@ -193,8 +193,9 @@ class GateHistory(keras.callbacks.Callback):
         if not gates:
             raise ValueError("GateHistory: the model has no EncoderGate "
                              "(build it with methods.safe_sharing).")
-        alpha = {name: float(a) for name, a in
-                 zip(self.task_names, gates[0].public_probs().numpy())}
+        # One gate of T tasks (SMTL), or one gate per task (SMTL_c), in task order.
+        probs = np.concatenate([g.public_probs().numpy() for g in gates])
+        alpha = {name: float(a) for name, a in zip(self.task_names, probs, strict=True)}
         if logs is not None:
             logs.update({f"alpha_{name}": a for name, a in alpha.items()})
         self.history.append({"epoch": epoch, "alpha": alpha})

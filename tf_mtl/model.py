@@ -77,6 +77,9 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         task_frequencies: N_t / N for non-jointly labelled data; counted from
             the training data by `fit` when None.
         routing: `"tiled"` or `"sequential"`, see above.
+        heads: `{task_name: layer}` to use instead of each task's own
+            `Task.head()` (e.g. Safe MTL's gated decoders); saved with the
+            model.
 
     Example:
 
@@ -89,7 +92,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
     """
 
     def __init__(self, backbone, tasks, input_shape, jointly_labelled=True,
-                 task_frequencies=None, routing="tiled", **kwargs):
+                 task_frequencies=None, routing="tiled", heads=None, **kwargs):
         super().__init__(**kwargs)
         if routing not in ROUTINGS:
             raise ValueError(
@@ -109,7 +112,11 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         self.task_names = tuple(names)
         self.example_shape = tuple(input_shape)
         self.jointly_labelled = bool(jointly_labelled)
-        self.heads = {task.name: task.head() for task in tasks}
+        if heads is not None and set(heads) != set(names):
+            raise ValueError(f"`heads` must have one layer per task {names}. "
+                             f"Received heads for {sorted(heads)}.")
+        self._custom_heads = heads is not None
+        self.heads = {t.name: heads[t.name] if heads else t.head() for t in tasks}
         self.task_frequencies = self.add_weight(
             shape=(len(tasks),), initializer="zeros", trainable=False,
             name="task_frequencies",
@@ -132,6 +139,8 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             "input_shape": self.example_shape,
             "jointly_labelled": self.jointly_labelled,
             "routing": self.routing,
+            "heads": {n: keras.saving.serialize_keras_object(h) for n, h in self.heads.items()}
+            if self._custom_heads else None,
         }
 
     @classmethod
@@ -140,6 +149,9 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         backbone = [keras.saving.deserialize_keras_object(l)
                     for l in config.pop("backbone")]
         task_list = [tasks_module.from_config(t) for t in config.pop("tasks")]
+        if config.get("heads"):
+            config["heads"] = {n: keras.saving.deserialize_keras_object(h)
+                               for n, h in config["heads"].items()}
         return cls(backbone, task_list, **config)
 
     @property

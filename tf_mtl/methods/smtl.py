@@ -1,4 +1,4 @@
-"""Safe Multi-Task Learning: SMTL and L-SMTL (papers/002, section 3).
+"""Safe Multi-Task Learning: SMTL, L-SMTL, SMTL_c, L-SMTL_c (papers/002, 3).
 
 A public encoder f_S shared by every task and a private encoder f_t per task
 (the per-task twin of the same backbone definition), mixed per task by the
@@ -6,12 +6,15 @@ gate g_t before the task's decoder h_t (eq. 1):
 
     y_t = h_t(a_t f_S(x) + (1 - a_t) f_t(x)),
 
-trained on the summed task losses (eq. 2, equal weights as in the reference
-code). With a_t = 0 task t is single-task learning, with a_t = 1 hard
-sharing. L-SMTL makes a_t binary with the Gumbel gate (eqs. 3-4).
+or, in SMTL_c (section 3.3), after a public decoder h_{S,t} and a private
+one h_t: `y_t = a_t h_{S,t}(f_S(x)) + (1 - a_t) h_t(f_t(x))`. Trained on the
+summed task losses (eq. 2, equal weights as in the reference code). With
+a_t = 0 task t is single-task learning, with a_t = 1 hard sharing. The lite
+versions make a_t binary with the Gumbel gate (eqs. 3-4).
 """
 
 import keras
+import tensorflow as tf
 
 from tf_mtl.backbones import Block, run_layers
 from tf_mtl.layers.gate import EncoderGate
@@ -29,10 +32,11 @@ class GatedEncoders(Block):
     Args:
         public: the backbone f_S (a list of layers).
         private: its per-task twin (`tf_mtl.backbones`, `num_tasks=T`).
-        gate: an `EncoderGate`.
+        gate: an `EncoderGate`, or None to pass on both encoders' features,
+            concatenated on the last axis, to gated decoders (SMTL_c).
     """
 
-    def __init__(self, public, private, gate, **kwargs):
+    def __init__(self, public, private, gate=None, **kwargs):
         super().__init__(**kwargs)
         self.public = list(public)
         self.private = list(private)
@@ -46,13 +50,15 @@ class GatedEncoders(Block):
         private, routed = run_layers(self.private, x, route, training, task_ids)
         if task_ids is None:
             shared, _ = route(shared)  # the same rows, one copy per task
+        if self.gate is None:
+            return keras.ops.concatenate([shared, private], axis=-1), routed
         return self.gate(shared, private, routed, training=training), routed
 
     def get_config(self):
         serialize = keras.saving.serialize_keras_object
         return {**super().get_config(), "public": [serialize(l) for l in self.public],
                 "private": [serialize(l) for l in self.private],
-                "gate": serialize(self.gate)}
+                "gate": None if self.gate is None else serialize(self.gate)}
 
     @classmethod
     def from_config(cls, config):
@@ -60,13 +66,49 @@ class GatedEncoders(Block):
         deserialize = keras.saving.deserialize_keras_object
         for key in ("public", "private"):
             config[key] = [deserialize(l) for l in config[key]]
-        config["gate"] = deserialize(config["gate"])
+        config["gate"] = config["gate"] and deserialize(config["gate"])
         return super().from_config(config)
 
 
+@keras.saving.register_keras_serializable(package="tf_mtl")
+class GatedDecoders(keras.layers.Layer):
+    """SMTL_c's decoders of one task: the public decoder h_{S,t} on the
+    public features and the private decoder h_t on the private ones (the
+    two halves of the features), mixed by the task's gate:
+    `a_t h_{S,t}(f_S) + (1 - a_t) h_t(f_t)`.
+
+    Args:
+        public, private: the two decoders (e.g. two `Task.head()`s).
+        gate: a one-task `EncoderGate`.
+    """
+
+    def __init__(self, public, private, gate, **kwargs):
+        super().__init__(**kwargs)
+        self.public, self.private, self.gate = public, private, gate
+
+    def call(self, features, training=None):
+        shared, own = keras.ops.split(features, 2, axis=-1)
+        task = tf.zeros(tf.shape(features)[:1], tf.int32)  # the gate's one task
+        return self.gate(self.public(shared, training=training),
+                         self.private(own, training=training), task, training=training)
+
+    def get_config(self):
+        serialize = keras.saving.serialize_keras_object
+        return {**super().get_config(), "public": serialize(self.public),
+                "private": serialize(self.private), "gate": serialize(self.gate)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("public", "private", "gate"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+
 def safe_sharing(backbone, tasks, input_shape, jointly_labelled=True, lite=False,
-                 tau=0.1, seed=0):
-    """An SMTL (or, with `lite=True`, L-SMTL) model.
+                 tau=0.1, seed=0, gates_after_decoders=False):
+    """An SMTL model: L-SMTL with `lite=True`, SMTL_c with
+    `gates_after_decoders=True`, L-SMTL_c with both.
 
     Args:
         backbone: a backbone definition, `backbone(num_tasks=None)` -> list of
@@ -75,12 +117,23 @@ def safe_sharing(backbone, tasks, input_shape, jointly_labelled=True, lite=False
         tasks: the `Task`s; their decoders are the heads.
         input_shape: shape of one input example.
         jointly_labelled: data layout (see `MultiTaskModel`).
-        lite, tau, seed: see `EncoderGate`.
+        lite, tau, seed: see `EncoderGate` (task t's gate after the decoders
+            draws with seed `seed + t`).
+        gates_after_decoders: SMTL_c: a public and a private decoder per
+            task (each the task's head), gated on their outputs.
     """
-    gate = EncoderGate(len(tasks), lite=lite, tau=tau, seed=seed, name="smtl_gate")
-    encoders = GatedEncoders(backbone(), backbone(num_tasks=len(tasks)), gate,
+    if not gates_after_decoders:
+        gate = EncoderGate(len(tasks), lite=lite, tau=tau, seed=seed, name="smtl_gate")
+        encoders = GatedEncoders(backbone(), backbone(num_tasks=len(tasks)), gate,
+                                 name="smtl_encoders")
+        return MultiTaskModel([encoders], tasks, input_shape, jointly_labelled)
+    encoders = GatedEncoders(backbone(), backbone(num_tasks=len(tasks)),
                              name="smtl_encoders")
-    return MultiTaskModel([encoders], tasks, input_shape, jointly_labelled)
+    heads = {t.name: GatedDecoders(
+        t.head(), t.head(), EncoderGate(1, lite=lite, tau=tau, seed=seed + i,
+                                        name=f"smtl_gate_{t.name}"),
+        name=f"{t.name}_gated_decoders") for i, t in enumerate(tasks)}
+    return MultiTaskModel([encoders], tasks, input_shape, jointly_labelled, heads=heads)
 
 
 def define_flags():
@@ -92,10 +145,11 @@ def define_flags():
 
 
 def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epochs,
-               lite=False):
-    """The model and callbacks of `train.py --method=smtl` (or `lsmtl`)."""
+               lite=False, gates_after_decoders=False):
+    """The model and callbacks of `train.py --method=smtl|lsmtl|smtl_c|lsmtl_c`."""
     from tf_mtl.callbacks import GateHistory
 
     model = safe_sharing(backbone, tasks, input_shape, jointly_labelled, lite=lite,
-                         tau=flag_values.smtl_tau, seed=flag_values.seed)
+                         tau=flag_values.smtl_tau, seed=flag_values.seed,
+                         gates_after_decoders=gates_after_decoders)
     return model, [GateHistory([t.name for t in tasks])]
