@@ -143,3 +143,23 @@ def test_per_task_twin_keeps_each_task_apart(backbone):
     after = model(x)
     np.testing.assert_allclose(after["a"], before["a"], rtol=1e-6)
     assert not np.allclose(after["b"], before["b"])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_on_tiled_rows_equals_the_routed_computation(training):
+    from tf_mtl.layers.base import tiled_rows
+
+    layers = [PerTaskBatchNormalization(3, momentum=0.8) for _ in range(2)]
+    rng = np.random.RandomState(1)
+    weights = [rng.uniform(0.5, 1.5, (3, 4)).astype("float32") for _ in range(4)]
+    for layer in layers:
+        layer.build((None, 3, 3, 4))
+        layer.set_weights(weights)
+    x = tf.random.stateless_normal((9, 3, 3, 4), seed=(4, 4)) * 2 + 1
+    ids = tf.constant(LAYOUTS["tiled"])
+    routed = layers[0](x, ids, training=training)
+    with tiled_rows(3):
+        tiled = layers[1](x, ids, training=training)
+    np.testing.assert_allclose(tiled, routed, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers[1].moving_variance, layers[0].moving_variance,
+                               rtol=1e-5)

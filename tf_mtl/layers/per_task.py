@@ -201,20 +201,43 @@ class PerTaskBatchNormalization(PerTaskLayer):
 
     def call(self, x, task_ids, training=None):
         x32 = tf.cast(x, tf.float32)
-        task_ids = tf.cast(task_ids, tf.int32)
-        if training and self.trainable:
-            mean, variance, present = task_moments(x32, task_ids, self.num_tasks)
-            keep = tf.where(present[:, None], self.momentum, 1.0)
-            for moving, value in ((self.moving_mean, mean),
-                                  (self.moving_variance, variance)):
-                moving.assign(keep * moving + (1.0 - keep) * value)
+        update = bool(training and self.trainable)
+        if tiled_tasks() == self.num_tasks:
+            y = self._tiled(x32, update)
+        else:
+            y = self._routed(x32, tf.cast(task_ids, tf.int32), update)
+        return tf.cast(y, self.compute_dtype)
+
+    def _routed(self, x, task_ids, update):
+        """Rows of any tasks, in any order: statistics by segment sums."""
+        if update:
+            mean, variance, present = task_moments(x, task_ids, self.num_tasks)
+            self._update_moving(mean, variance, present)
         else:
             mean, variance = self.moving_mean, self.moving_variance
-        y = normalize(x32, task_ids, mean, variance, self.epsilon)
         spatial = len(x.shape) - 2
-        y = y * broadcast_rows(tf.gather(self.gamma, task_ids), spatial) + broadcast_rows(
+        y = normalize(x, task_ids, mean, variance, self.epsilon)
+        return y * broadcast_rows(tf.gather(self.gamma, task_ids), spatial) + broadcast_rows(
             tf.gather(self.beta, task_ids), spatial)
-        return tf.cast(y, self.compute_dtype)
+
+    def _tiled(self, x, update):
+        """Tiled rows: each task's block normalised on its own, no gathers."""
+        parts = tf.split(x, self.num_tasks)
+        if update:
+            axes = list(range(len(x.shape) - 1))
+            mean, variance = (tf.stack(m) for m in zip(*[tf.nn.moments(p, axes) for p in parts]))
+            self._update_moving(mean, variance, tf.ones([self.num_tasks], tf.bool))
+        else:
+            mean, variance = self.moving_mean, self.moving_variance
+        return tf.concat([tf.nn.batch_normalization(p, mean[t], variance[t], self.beta[t],
+                                                    self.gamma[t], self.epsilon)
+                          for t, p in enumerate(parts)], axis=0)
+
+    def _update_moving(self, mean, variance, present):
+        """Each task with rows: `m[t] <- momentum m[t] + (1 - momentum) mu_t`."""
+        keep = tf.where(present[:, None], self.momentum, 1.0)
+        for moving, value in ((self.moving_mean, mean), (self.moving_variance, variance)):
+            moving.assign(keep * moving + (1.0 - keep) * value)
 
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum,
