@@ -9,17 +9,21 @@ schedule), `results.json` (test metrics), the trained model (`model.keras`;
 STL: `model_<task>.keras`), TensorBoard logs under `logs/`, figures
 (`*.png`), and the export (SavedModel + .tflite) into --export_dir.
 
-Runs resume: a checkpoint of the training state is written under
-`<output_dir>/checkpoint/` at every epoch's end, and rerunning the same
-command continues from it (the data order is a function of seed and epoch,
-so the result equals an uninterrupted run's; an interrupted epoch is redone
-from its start). A finished run rerun is evaluated and exported again
-without training; `--noresume` starts over.
+Runs resume: the training state is written under `<output_dir>/checkpoint/`
+(STL: `checkpoint/<task>/`) at every epoch's end (`Checkpoint`), and
+rerunning the same command continues from it, even after a kill: an
+interrupted epoch is redone from its start, and since the data order is a
+function of seed and epoch (`tf_mtl.data.ordering`) the weights, method
+state, history.json and TensorBoard logs end as an uninterrupted run's (on
+CPU bit for bit; `--deterministic` for GPUs). A finished run rerun trains
+nothing: it says so, then evaluates, saves and exports the checkpoint again.
+`--noresume` starts over.
 """
 
 import functools
 import json
 import os
+import re
 import shutil
 import time
 
@@ -56,6 +60,13 @@ flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras fit verbosi
 flags.DEFINE_bool("resume", True,
                   "Continue from <output_dir>/checkpoint if there is one; false: "
                   "start over (clears the output dir's checkpoint, logs and results).")
+flags.DEFINE_bool("deterministic", False,
+                  "Deterministic ops (tf.config.experimental.enable_op_determinism): "
+                  "bit-identical reruns and resumes on GPUs too, slower. CPU runs "
+                  "are bit-identical without it.")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from tf_mtl.methods import hps, mpps, smtl  # noqa: E402
 
@@ -70,87 +81,133 @@ METHODS = {
 
 
 def _optimizer():
-    import keras
-
     if FLAGS.optimizer == "sgd":
         return keras.optimizers.SGD(FLAGS.learning_rate, momentum=0.9)
     return keras.optimizers.Adam(FLAGS.learning_rate)
 
 
 def _strategy():
-    import tensorflow as tf
-
     if FLAGS.strategy == "mirrored":
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
 
 
-def _progress_callback():
-    import keras
+class Checkpoint(keras.callbacks.Callback):
+    """The training state at every epoch's end, for a rerun to continue from.
 
-    class Progress(keras.callbacks.Callback):
-        """Keeps the epoch logs, and the `history` of the method's callbacks,
-        in a file beside the checkpoint, so a resumed run reports every
-        epoch. Written before the checkpoint (its callback comes first); an
-        epoch the checkpoint does not hold is dropped on resume."""
+    `<folder>/epoch_<k>/` holds the state after k epochs: `state.weights.h5`
+    (the model's weights and method state - Phi, targets, draw counts, random
+    generator states - and its optimizers') and `progress.json` (every
+    epoch's logs and the `history` of the `tracked` callbacks: the MPPS
+    schedule, the gates). Both are written into a scratch folder renamed
+    once complete, so a kill at any instant leaves the last complete epoch
+    whole. (Keras' `BackupAndRestore` writes its weights, then its epoch
+    count: a kill between the two would train an epoch twice.) List it after
+    the callbacks that add to the logs and histories.
 
-        def __init__(self, path, tracked):
-            super().__init__()
-            self.path, self.tracked = path, tracked
-            saved = {"epochs": [], "tracked": {}}
-            if os.path.exists(path):
-                with open(path) as f:
-                    saved = json.load(f)
-            self.epochs = saved["epochs"]
-            for name, callback in tracked.items():
-                callback.history = saved["tracked"].get(name, [])
-            self._resumed = False
+    It writes the TensorBoard logs too (`epoch_<metric>` in `train/` and
+    `validation/`, the layout of `keras.callbacks.TensorBoard`), from the
+    same logs: `restore` rewrites them from the checkpoint, then every epoch
+    is added once its checkpoint is whole, so they never hold two runs'
+    values of an epoch (an epoch killed in between is written again).
+    """
 
-        def on_epoch_begin(self, epoch, logs=None):
-            if not self._resumed:  # the checkpoint's epoch is known now
-                self._resumed = True
-                del self.epochs[epoch:]
-                for callback in self.tracked.values():
-                    del callback.history[epoch:]
-                if epoch:
-                    print(f"Resuming at epoch {epoch + 1} from {os.path.dirname(self.path)}")
+    def __init__(self, folder, log_dir, tracked):
+        super().__init__()
+        self.folder, self.log_dir, self.tracked = folder, log_dir, tracked
+        self.epochs = []
+        self._writers = None
 
-        def on_epoch_end(self, epoch, logs=None):
-            self.epochs.append({k: float(v) for k, v in (logs or {}).items()})
-            tracked = {n: c.history for n, c in self.tracked.items()}
-            with open(self.path + ".tmp", "w") as f:
-                json.dump({"epochs": self.epochs, "tracked": tracked}, f, default=float)
-            os.replace(self.path + ".tmp", self.path)
+    def restore(self, model):
+        """Loads the last complete epoch into `model` and the tracked
+        callbacks, and rewrites the TensorBoard logs; returns the number of
+        epochs trained (0: no checkpoint)."""
+        saved = self._saved()
+        if saved:
+            path = os.path.join(self.folder, f"epoch_{max(saved)}")
+            model.build_optimizer()  # its slots must exist to be loaded
+            model.load_weights(os.path.join(path, "state.weights.h5"))
+            with open(os.path.join(path, "progress.json")) as f:
+                progress = json.load(f)
+            self.epochs = progress["epochs"]
+            for name, callback in self.tracked.items():
+                callback.history = progress["tracked"][name]
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        for epoch, logs in enumerate(self.epochs):
+            self._log(epoch, logs)
+        self._close()
+        return len(self.epochs)
 
-        def history(self):
-            keys = {k for logs in self.epochs for k in logs}
-            return {k: [logs.get(k) for logs in self.epochs] for k in sorted(keys)}
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append({k: float(v) for k, v in (logs or {}).items()})
+        scratch = os.path.join(self.folder, "partial")
+        shutil.rmtree(scratch, ignore_errors=True)
+        os.makedirs(scratch)
+        self.model.save_weights(os.path.join(scratch, "state.weights.h5"))
+        with open(os.path.join(scratch, "progress.json"), "w") as f:
+            json.dump({"epochs": self.epochs,
+                       "tracked": {n: c.history for n, c in self.tracked.items()}},
+                      f, default=float)
+        os.rename(scratch, os.path.join(self.folder, f"epoch_{epoch + 1}"))
+        for before in self._saved():
+            if before <= epoch:
+                shutil.rmtree(os.path.join(self.folder, f"epoch_{before}"))
+        self._log(epoch, self.epochs[-1])
+        for writer in self._writers.values():
+            writer.flush()
 
-    return Progress
+    def on_train_end(self, logs=None):
+        self._close()
+
+    def history(self):
+        """Every epoch's logs, as `keras.callbacks.History.history`."""
+        keys = {k for logs in self.epochs for k in logs}
+        return {k: [logs.get(k) for logs in self.epochs] for k in sorted(keys)}
+
+    def _saved(self):
+        """The numbers of epochs of the whole checkpoints in the folder."""
+        names = os.listdir(self.folder) if os.path.isdir(self.folder) else []
+        return [int(n[6:]) for n in names if re.fullmatch(r"epoch_\d+", n)]
+
+    def _log(self, epoch, logs):
+        if self._writers is None:
+            self._writers = {split: tf.summary.create_file_writer(
+                os.path.join(self.log_dir, split)) for split in ("train", "validation")}
+        for name, value in logs.items():
+            split = "validation" if name.startswith("val_") else "train"
+            with self._writers[split].as_default():
+                tf.summary.scalar(f"epoch_{name.removeprefix('val_')}", value, step=epoch)
+
+    def _close(self):
+        for writer in (self._writers or {}).values():
+            writer.close()
+        self._writers = None
 
 
 def _fit(model, strategy, train, validation, test, callbacks, name=None):
-    """Trains with a checkpoint in `<output_dir>/checkpoint[/name]`, resumed
-    when there, and TensorBoard logs in `<output_dir>/logs[/name]`; returns
-    the history of every epoch and the test results."""
-    import keras
-
+    """Trains from the checkpoint in `<output_dir>/checkpoint[/name]`, if
+    any, to --epochs, with TensorBoard logs in `<output_dir>/logs[/name]`;
+    returns the history of every epoch and the test results."""
     with strategy.scope():  # the optimizer's variables are mirrored too
         model.compile(optimizer=_optimizer())
     where = lambda folder: os.path.join(FLAGS.output_dir, folder, *([name] if name else []))
-    checkpoint = where("checkpoint")
-    os.makedirs(checkpoint, exist_ok=True)
     tracked = {type(c).__name__: c for c in callbacks if hasattr(c, "history")}
-    progress = _progress_callback()(os.path.join(checkpoint, "progress.json"), tracked)
-    verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
-    model.fit(
-        train, validation_data=validation, epochs=FLAGS.epochs, verbose=verbose,
-        callbacks=callbacks + [
-            progress, keras.callbacks.TensorBoard(where("logs")),
-            keras.callbacks.BackupAndRestore(checkpoint, delete_checkpoint=False)],
-    )
+    checkpoint = Checkpoint(where("checkpoint"), where("logs"), tracked)
+    done = checkpoint.restore(model)
+    if done > FLAGS.epochs:
+        raise app.UsageError(
+            f"{checkpoint.folder} holds {done} epochs, more than --epochs={FLAGS.epochs}: "
+            "give --epochs of that run, or --noresume to start over.")
+    if done == FLAGS.epochs:
+        print(f"{checkpoint.folder}: all {done} epochs trained already; evaluating it")
+    else:
+        if done:
+            print(f"Resuming at epoch {done + 1} from {checkpoint.folder}")
+        verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
+        model.fit(train, validation_data=validation, epochs=FLAGS.epochs,
+                  initial_epoch=done, verbose=verbose, callbacks=callbacks + [checkpoint])
     results = model.evaluate(test, return_dict=True, verbose=0)
-    return progress.history(), results
+    return checkpoint.history(), results
 
 
 def _train_single_tasks(data, tasks, input_shape, strategy, backbone, export_dir):
@@ -220,14 +277,14 @@ def _print_table(tasks, results):
 
 def main(argv):
     del argv
-    import keras
-
     from tf_mtl import backbones, data as datasets, export, plots
     from tf_mtl.callbacks import ExclusiveCapacityScheduler, GateHistory
     from tf_mtl.tasks import classification
 
     start = time.time()
     keras.utils.set_random_seed(FLAGS.seed)
+    if FLAGS.deterministic:
+        tf.config.experimental.enable_op_determinism()
     data = datasets.load(FLAGS.dataset, FLAGS.batch_size, FLAGS.seed,
                          FLAGS.data_dir, FLAGS.limit)
     tasks = [classification(n, k) for n, k in data.task_classes.items()]

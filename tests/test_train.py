@@ -5,12 +5,15 @@ import os
 import subprocess
 import sys
 
+import keras
+import numpy as np
 import pytest
 from absl import app, flags
 from absl.testing import flagsaver
+from tensorflow.python.framework import config as tf_config
 
 import train
-from tf_mtl import metrics
+from tf_mtl import export, metrics
 from tf_mtl.tasks import classification
 
 FLAGS = flags.FLAGS
@@ -229,10 +232,53 @@ def test_rerun_continues_and_noresume_starts_over(tmp_path):
     history = read_json(tmp_path / "history.json")["history"]
     assert len(history["loss"]) == 2  # epoch 1 kept, epoch 2 trained
     first_loss = history["loss"][0]
+    with pytest.raises(app.UsageError, match="holds 2 epochs, more than --epochs=1"):
+        run_train(tmp_path, "--method=hps", "--dataset=synthetic")
     run_train(tmp_path, "--method=hps", "--dataset=synthetic", "--noresume")
     history = read_json(tmp_path / "history.json")["history"]
     assert len(history["loss"]) == 1 and history["loss"][0] == pytest.approx(first_loss)
     assert len(os.listdir(tmp_path / "logs")) == 2  # train/ and validation/: one run's
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_stl_rerun_trains_only_the_unfinished_task(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export, "export", lambda model, directory: None)  # 2 s a task
+    args = ("--method=stl", "--dataset=synthetic_groups", "--epochs=2")
+    reference = run_train(tmp_path / "reference", *args)
+    save = train.Checkpoint.on_epoch_end
+
+    def killed_in_the_second_epoch_of_task_1(self, epoch, logs=None):
+        if self.folder.endswith("task_1") and epoch == 1:
+            raise _Killed  # before that epoch's checkpoint
+        save(self, epoch, logs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train.Checkpoint, "on_epoch_end", killed_in_the_second_epoch_of_task_1)
+        with pytest.raises(_Killed):
+            run_train(tmp_path / "killed", *args)
+    capsys.readouterr()
+    killed = run_train(tmp_path / "killed", *args)
+    printed = capsys.readouterr().out
+    assert f"{os.path.join('checkpoint', 'task_0')}: all 2 epochs trained already" in printed
+    assert f"Resuming at epoch 2 from {os.path.join(killed, 'checkpoint', 'task_1')}" in printed
+    for task in TASKS:
+        models = [keras.saving.load_model(d / f"model_{task}.keras") for d in (reference, killed)]
+        for a, b in zip(models[0].weights, models[1].weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    assert read_json(killed / "history.json") == read_json(reference / "history.json")
+    assert read_json(killed / "results.json") == read_json(reference / "results.json")
+
+
+def test_deterministic_flag_trains(tmp_path):
+    try:
+        out = run_train(tmp_path, "--method=hps", "--dataset=synthetic", "--deterministic")
+        assert tf_config.is_op_determinism_enabled()
+    finally:  # a process-wide setting: the next tests run without it
+        tf_config.disable_op_determinism()
+    assert_task_accuracies(read_json(out / "results.json"))
 
 
 @pytest.mark.parametrize("config", sorted(os.listdir(os.path.join(ROOT, "configs"))))

@@ -12,7 +12,11 @@ numbers of classes. The datasets come in two structures:
 
 Images are float32 of shape `(28, 28, 1)` with values in [0, 1]; labels and
 task ids are int32 (a batch dimension comes first). The arrays are built in
-memory with numpy, then sliced by `tf.data.Dataset.from_tensor_slices`.
+memory with numpy, then sliced by `tf.data.Dataset.from_tensor_slices`;
+the training split is gathered in an order that is a function of the seed
+and the epoch alone, so a resumed run sees the batches of an uninterrupted
+one (`ordering`: `fit` of a tf_mtl model follows the epoch by itself, other
+models take `callbacks=order_callbacks(train)`).
 """
 
 import dataclasses

@@ -58,10 +58,14 @@ def _epoch_variable(dataset):
 class EpochOrder(keras.callbacks.Callback):
     """Tells an `epoch_shuffled` dataset which epoch `fit` is in.
 
-    Keras makes the iterator of epoch e + 1 right after the last step of
-    epoch e, before `on_epoch_end(e)`, and prefetching starts at once: so the
-    variable moves on at the end of an epoch's last batch too, not only at
-    `on_epoch_begin`.
+    When it knows the number of steps, Keras 3 makes the iterator of epoch
+    e + 1 right after the last step of epoch e, before `on_epoch_end(e)` and
+    `on_epoch_begin(e + 1)`. TensorFlow 2.21's iterators (also distributed
+    ones) read the variable only at their first element, in epoch e + 1's
+    first step; a pipeline that starts at once (prefetching to devices)
+    would read it at creation. So the variable moves on at the end of an
+    epoch's last batch too, not only at `on_epoch_begin`: every iterator
+    sees its own epoch either way.
     """
 
     def __init__(self, epoch_variable):
