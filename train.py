@@ -34,7 +34,8 @@ flags.DEFINE_enum("method", "mpps",
                   ["hps", "stl", "mpps", "smtl", "lsmtl", "smtl_c", "lsmtl_c"],
                   "Method to train.")
 flags.DEFINE_enum("dataset", "multifashion",
-                  ["multifashion", "fashion_groups", "synthetic", "synthetic_groups"],
+                  ["multifashion", "multifashion_texture", "fashion_groups", "synthetic",
+                   "synthetic_groups"],
                   "Data set (tf_mtl.data.load).")
 flags.DEFINE_enum("backbone", "lenet", ["lenet", "resnet"], "Shared backbone.")
 flags.DEFINE_float("width", 1.0, "Width multiplier of the backbone.", lower_bound=0.01)
@@ -204,8 +205,11 @@ def _fit(model, strategy, train, validation, test, callbacks, name=None):
         if done:
             print(f"Resuming at epoch {done + 1} from {checkpoint.folder}")
         verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
+        # A bi-level Safe MTL model fits its gates on the validation split.
+        heldout = {"heldout_data": validation} if getattr(model, "bilevel", False) else {}
         model.fit(train, validation_data=validation, epochs=FLAGS.epochs,
-                  initial_epoch=done, verbose=verbose, callbacks=callbacks + [checkpoint])
+                  initial_epoch=done, verbose=verbose, callbacks=callbacks + [checkpoint],
+                  **heldout)
     results = model.evaluate(test, return_dict=True, verbose=0)
     return checkpoint.history(), results
 

@@ -17,6 +17,7 @@ from tf_mtl import data
 from tf_mtl.data import fashion_groups
 from tf_mtl.data import fashion_mnist
 from tf_mtl.data import multifashion
+from tf_mtl.data import multifashion_texture
 from tf_mtl.data import synthetic
 
 IDX_NAMES = (
@@ -221,6 +222,45 @@ def test_multifashion_rejects_bad_arguments(images, labels, match):
         multifashion.make_multifashion(images, labels)
 
 
+# --- MultiFashion + texture ------------------------------------------------
+
+
+def test_texture_noise_lies_in_its_band_only():
+    bands = np.repeat(np.arange(multifashion_texture.NUM_BANDS), 5)
+    noise = multifashion_texture.band_noise(bands, seed=0)
+    power = np.abs(np.fft.fft2(noise)) ** 2
+    masks = multifashion_texture.band_masks()
+    for k in range(multifashion_texture.NUM_BANDS):
+        inside = (power[bands == k] * masks[k]).sum()
+        np.testing.assert_allclose(inside, power[bands == k].sum(), rtol=1e-6)
+    np.testing.assert_allclose(noise.std(axis=(1, 2)), 1.0, rtol=1e-5)
+
+
+def test_multifashion_texture_adds_an_independent_band_label():
+    rng = np.random.default_rng(0)
+    images = rng.integers(256, size=(400, 28, 28)).astype(np.uint8)
+    labels = rng.integers(10, size=400)
+
+    x, y = multifashion_texture.make_multifashion_texture(images, labels, seed=1,
+                                                          amplitude=0.2)
+    x_again, _ = multifashion_texture.make_multifashion_texture(images, labels, seed=1,
+                                                                amplitude=0.2)
+    plain, _ = multifashion_texture.make_multifashion_texture(images, labels, seed=1,
+                                                              amplitude=0.0)
+
+    np.testing.assert_array_equal(x, x_again)
+    assert set(y) == {"left", "right", "texture"} and y["texture"].dtype == np.int32
+    counts = np.bincount(y["texture"], minlength=multifashion_texture.NUM_BANDS)
+    assert counts.min() > 70  # about 100 each: uniform
+    np.testing.assert_allclose((x - plain).std(axis=(1, 2, 3)), 0.2, rtol=1e-4)
+    # The texture's band is what the added noise's spectrum says.
+    power = np.abs(np.fft.fft2((x - plain)[..., 0])) ** 2
+    energy = np.einsum("nij,kij->nk", power, multifashion_texture.band_masks())
+    np.testing.assert_array_equal(energy.argmax(1), y["texture"])
+    with pytest.raises(ValueError, match="amplitude"):
+        multifashion_texture.make_multifashion_texture(images, labels, amplitude=-1)
+
+
 # --- FashionGroups ---------------------------------------------------------
 
 
@@ -386,7 +426,7 @@ def test_real_fashion_mnist():
 
 @pytest.mark.real_data
 @skip_without_real_data
-@pytest.mark.parametrize("name", ["multifashion", "fashion_groups"])
+@pytest.mark.parametrize("name", ["multifashion", "fashion_groups", "multifashion_texture"])
 def test_real_load(name):
     result = data.load(name, batch_size=64, limit=100)
 
@@ -394,6 +434,7 @@ def test_real_load(name):
         assert sum(len(batch[0]) for batch in split) == 100
     images = next(iter(result.test))[0].numpy()
     assert images.shape == (64, 28, 28, 1)
-    assert 0.0 <= images.min() and images.max() <= 1.0
+    if name != "multifashion_texture":  # its texture is not clipped
+        assert 0.0 <= images.min() and images.max() <= 1.0
     assert images.max() > 0.5
-    assert result.jointly_labelled == (name == "multifashion")
+    assert result.jointly_labelled == (name != "fashion_groups")

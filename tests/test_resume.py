@@ -124,17 +124,19 @@ def _run(method, backup_dir, callbacks=(), epochs=3):
         model = methods.progressive_sharing(backbones.lenet(0.25), tasks, (28, 28, 1),
                                             num_masked=2, seed=2)
         method_callbacks.append(ExclusiveCapacityScheduler(epochs, "linear"))
-    else:  # L-SMTL: the gates' Gumbel draws
+    else:  # L-SMTL: the gates' Gumbel draws; bi-level: the gates' own Adam
+        bilevel = method == "lsmtl_bilevel"
         model = methods.safe_sharing(functools.partial(backbones.lenet, 0.25), tasks,
-                                     (28, 28, 1), lite=True, seed=2)
+                                     (28, 28, 1), lite=True, seed=2, bilevel=bilevel)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    heldout = {"heldout_data": ds.validation} if method == "lsmtl_bilevel" else {}
     model.fit(ds.train, epochs=epochs, verbose=0, callbacks=[
         keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch"),
-        *method_callbacks, *callbacks])
+        *method_callbacks, *callbacks], **heldout)
     return model, method_callbacks
 
 
-@pytest.mark.parametrize("method", ["mpps", "lsmtl"])
+@pytest.mark.parametrize("method", ["mpps", "lsmtl", "lsmtl_bilevel"])
 def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(method,
                                                                           tmp_path):
     reference, ref_callbacks = _run(method, str(tmp_path / "a"))
@@ -147,6 +149,10 @@ def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(metho
     for a, b in zip(reference.optimizer.variables, resumed.optimizer.variables,
                     strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    if method == "lsmtl_bilevel":
+        for a, b in zip(reference.gate_optimizer.variables,
+                        resumed.gate_optimizer.variables, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     random_layer = next(l for l in resumed.conditioned_layers if hasattr(l, "draws"))
     assert int(random_layer.draws.numpy()) == 3 * 8  # every step's draw, once
     if method == "mpps":

@@ -158,9 +158,10 @@ def test_a_bad_reference_is_refused_before_training(tmp_path, content, match):
     assert not (tmp_path / "run" / "checkpoint").exists()  # nothing trained
 
 
-@pytest.mark.parametrize("method", ["smtl", "lsmtl_c"])
+@pytest.mark.parametrize("method", [["--method=smtl"], ["--method=lsmtl_c"],
+                                    ["--method=lsmtl", "--smtl_bilevel"]])
 def test_safe_mtl_logs_its_gates_and_draws_them(tmp_path, method):
-    out = run_train(tmp_path, f"--method={method}", "--dataset=synthetic", "--epochs=2")
+    out = run_train(tmp_path, *method, "--dataset=synthetic", "--epochs=2")
     saved = read_json(out / "history.json")
     assert [r["epoch"] for r in saved["smtl"]] == [0, 1]
     assert len(saved["history"]["alpha_task_0"]) == 2

@@ -3,7 +3,8 @@
 The exported function is the model at inference, `image -> {task: output}`:
 for MPPS the fully shared backbone with every mask folded away (a mask is the
 identity at inference and is not traced), so the graph and its latency are
-those of a hard-sharing model. Only the variables that function reads are
+those of a hard-sharing model; for L-SMTL only the encoders the gates chose,
+with no gate op. Only the variables that function reads are
 saved: no mask parameter, target, seed or optimizer state ships.
 """
 
@@ -13,12 +14,14 @@ import tensorflow as tf
 
 
 def serving_function(model):
-    """The `tf.function` `image -> {task: output}` of `model` at inference."""
+    """The `tf.function` `image -> {task: output}` of `model` at inference
+    (`MultiTaskModel.deployable_call`)."""
+    call = model.deployable_call()
 
     @tf.function(input_signature=[tf.TensorSpec(
         (None,) + tuple(model.example_shape), tf.float32, name="image")])
     def serve(image):
-        return model(image, training=False)
+        return call(image)
 
     return serve
 

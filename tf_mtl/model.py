@@ -19,7 +19,7 @@ from tf_mtl.training import ConditionedTraining
 ROUTINGS = ("tiled", "sequential")
 
 
-def _all_replicas_sum(value):
+def all_replicas_sum(value):
     context = tf.distribute.get_replica_context()
     if context is None:  # cross-replica context: nothing to reduce
         return value
@@ -209,6 +209,12 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         features, row_tasks = self.features(x, None, training)
         return self._heads(features, row_tasks, training, tiled=True)[0]
 
+    def deployable_call(self):
+        """The function `x -> {task_name: output}` a deployment runs (what
+        `tf_mtl.export` traces): the model at inference. A method whose
+        inference can drop parts of the model overrides it."""
+        return lambda x: self(x, training=False)
+
     # -- training ----------------------------------------------------------
 
     def _task_weights(self):
@@ -246,7 +252,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         metrics.
         """
         counts = tf.stack([tf.cast(tf.size(l), tf.float32) for l in losses])
-        global_counts = tf.maximum(_all_replicas_sum(counts), 1.0)
+        global_counts = tf.maximum(all_replicas_sum(counts), 1.0)
         weights = self._task_weights()
         sums = tf.stack([tf.reduce_sum(l) for l in losses])
         loss = tf.reduce_sum(weights * sums / global_counts)
@@ -265,7 +271,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         # number of replicas and weighted alike on each, their mean is the
         # objective, whatever share of the batch each replica holds.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        global_batch = _all_replicas_sum(tf.cast(tf.shape(x)[0], tf.float32))
+        global_batch = all_replicas_sum(tf.cast(tf.shape(x)[0], tf.float32))
         self._loss_tracker.update_state(
             loss * replicas, sample_weight=global_batch / replicas
         )
@@ -372,7 +378,13 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             from tf_mtl.data import task_counts
 
             self.set_task_frequencies(task_counts(x, self.num_tasks))
-        return super().fit(x, validation_data=validation_data, **kwargs)
+        return super().fit(self.training_batches(x), validation_data=validation_data,
+                           **kwargs)
+
+    def training_batches(self, x):
+        """What `train_step` receives from `fit(x)`: `x`'s batches. (A
+        bi-level model pairs them with held-out ones.)"""
+        return x
 
     def evaluate(self, x=None, **kwargs):
         self.check_dataset(x, "x")

@@ -104,15 +104,17 @@ class ConditionedTraining:
                 owners.update({id(v): optimizer for v in variables})
         return owners
 
-    def apply_conditioned_gradients(self, gradients):
-        """Applies `gradients` (of `trainable_variables`, from a loss scaled
-        by the model's optimizer) with the optimizer owning each variable."""
+    def apply_conditioned_gradients(self, gradients, variables=None):
+        """Applies `gradients` (of `variables`, default `trainable_variables`,
+        from a loss scaled by the model's optimizer) with the optimizer
+        owning each variable."""
+        variables = self.trainable_variables if variables is None else variables
         owners = self._optimizer_of()
         # The model's optimizer unscales its own gradients (`scale_loss`); a
         # dedicated optimizer gets them unscaled.
         unscale = 1.0 / self.optimizer.scale_loss(tf.constant(1.0))
         groups = {}
-        for gradient, variable in zip(gradients, self.trainable_variables):
+        for gradient, variable in zip(gradients, variables, strict=True):
             optimizer = owners[id(variable)]
             if optimizer is not self.optimizer and gradient is not None:
                 gradient = tf.convert_to_tensor(gradient) * unscale

@@ -4,15 +4,17 @@
 dataset, batched and ready for `model.fit`, together with its tasks and their
 numbers of classes. The datasets come in two structures:
 
-* Jointly labelled (`"multifashion"`, `"synthetic"`): every example has a
-  label for every task. Elements are `(image, {task_name: label})`.
+* Jointly labelled (`"multifashion"`, `"multifashion_texture"`,
+  `"synthetic"`): every example has a label for every task. Elements are
+  `(image, {task_name: label})`.
 * Not jointly labelled (`"fashion_groups"`, `"synthetic_groups"`): every
   example belongs to one task. Elements are `(image, task_id, label)`, where
   `task_id` is the position of the task in `MultiTaskData.task_classes`.
 
-Images are float32 of shape `(28, 28, 1)` with values in [0, 1]; labels and
-task ids are int32 (a batch dimension comes first). The arrays are built in
-memory with numpy, then sliced by `tf.data.Dataset.from_tensor_slices`;
+Images are float32 of shape `(28, 28, 1)` with values in [0, 1] (plus the
+unclipped texture in `"multifashion_texture"`); labels and task ids are
+int32 (a batch dimension comes first). The arrays are built in memory with
+numpy, then sliced by `tf.data.Dataset.from_tensor_slices`;
 the training split is gathered in an order that is a function of the seed
 and the epoch alone, so a resumed run sees the batches of an uninterrupted
 one (`ordering`: `fit` of a tf_mtl model follows the epoch by itself, other
@@ -29,6 +31,7 @@ from tf_mtl.data import _utils
 from tf_mtl.data import fashion_groups
 from tf_mtl.data import fashion_mnist
 from tf_mtl.data import multifashion
+from tf_mtl.data import multifashion_texture
 from tf_mtl.data import ordering
 from tf_mtl.data import synthetic
 from tf_mtl.data.fashion_mnist import load_fashion_mnist
@@ -79,16 +82,19 @@ def _fashion_splits(seed, data_dir, limit):
     return {name: _slice(arrays, 0, limit) for name, arrays in splits.items()}
 
 
-def _build_multifashion(seed, data_dir, limit):
-    splits = _fashion_splits(seed, data_dir, limit)
-    # One partner draw per split, so that partners stay within their split.
-    split_seeds = np.random.SeedSequence(seed).spawn(len(splits))
-    return {
-        name: multifashion.make_multifashion(images, labels, split_seed)
-        for (name, (images, labels)), split_seed in zip(
-            splits.items(), split_seeds
-        )
-    }
+def _multifashion_builder(make):
+    def build(seed, data_dir, limit):
+        splits = _fashion_splits(seed, data_dir, limit)
+        # One draw per split, so that partners stay within their split.
+        split_seeds = np.random.SeedSequence(seed).spawn(len(splits))
+        return {
+            name: make(images, labels, split_seed)
+            for (name, (images, labels)), split_seed in zip(
+                splits.items(), split_seeds
+            )
+        }
+
+    return build
 
 
 def _build_fashion_groups(seed, data_dir, limit):
@@ -143,7 +149,14 @@ _SYNTHETIC_TASK_CLASSES = {
 
 _DATASETS = {
     "multifashion": _Dataset(
-        _build_multifashion, multifashion.TASK_NUM_CLASSES, True
+        _multifashion_builder(multifashion.make_multifashion),
+        multifashion.TASK_NUM_CLASSES,
+        True,
+    ),
+    "multifashion_texture": _Dataset(
+        _multifashion_builder(multifashion_texture.make_multifashion_texture),
+        multifashion_texture.TASK_NUM_CLASSES,
+        True,
     ),
     "fashion_groups": _Dataset(
         _build_fashion_groups, fashion_groups.TASK_NUM_CLASSES, False
@@ -173,7 +186,10 @@ def load(name, batch_size=128, seed=0, data_dir=None, limit=None):
         name: One of `"multifashion"` (two jointly labelled tasks, the
             classes of two overlapping Fashion-MNIST items),
             `"fashion_groups"` (three tasks, groups of Fashion-MNIST
-            classes, not jointly labelled), `"synthetic"` and
+            classes, not jointly labelled), `"multifashion_texture"`
+            (MultiFashion plus a third, unrelated task: the frequency band
+            of a noise texture added to each image, jointly labelled),
+            `"synthetic"` and
             `"synthetic_groups"` (tiny learnable datasets for tests, of
             each structure).
         batch_size: Number of examples per batch.

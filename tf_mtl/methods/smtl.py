@@ -14,11 +14,12 @@ versions make a_t binary with the Gumbel gate (eqs. 3-4).
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_mtl.backbones import Block, run_layers
 from tf_mtl.layers.gate import EncoderGate
-from tf_mtl.model import MultiTaskModel
+from tf_mtl.model import MultiTaskModel, all_replicas_sum
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
@@ -105,10 +106,170 @@ class GatedDecoders(keras.layers.Layer):
         return cls(**config)
 
 
+@keras.saving.register_keras_serializable(package="tf_mtl")
+class SafeSharing(MultiTaskModel):
+    """A Safe MTL model (what `safe_sharing` builds): a `MultiTaskModel` on
+    `GatedEncoders`, trained single-level (problem 2) or bi-level.
+
+    **Bi-level** (`bilevel=True`, section 4.4, problem 6): the gates are
+    hyperparameters fitted on held-out data, everything else on the
+    training data: `fit(train, heldout_data=heldout)`. Each step, as in the
+    reference code,
+
+    1. a virtual plain-SGD step of the network on the training batch,
+       `w' = w - xi * grad_w L_train(w, a)` (xi = `virtual_learning_rate`);
+    2. a step of the gates, by their own Adam, on the held-out loss of the
+       virtual network, `d L_val(w'(a), a) / d a`: exact, second order
+       (the gradient flows through `grad_w L_train`; the reference code
+       approximates that Hessian-vector product by finite differences);
+       `virtual_learning_rate=0` is the first-order version,
+       `d L_val(w, a) / d a`, one forward-backward pass cheaper;
+    3. the real step of the network (not the gates) on the training loss.
+
+    The virtual passes change no state: no normalisation statistics, draw
+    count or metric moves (they run in a `keras.StatelessScope`).
+
+    **Deployment**: `deployable_call()` is the inference function with each
+    lite gate's choice fixed: only the chosen encoders (and SMTL_c
+    decoders) run, with no gate op; `tf_mtl.export` traces it.
+
+    Args:
+        backbone: `[GatedEncoders(...)]`.
+        tasks, input_shape, jointly_labelled, heads: see `MultiTaskModel`.
+        bilevel: train the gates on `fit`'s `heldout_data`.
+        virtual_learning_rate: xi of the virtual step (bi-level; 1e-4 in
+            the reference code; 0: first order).
+        gate_learning_rate: the gates' Adam (bi-level).
+    """
+
+    def __init__(self, backbone, tasks, input_shape, jointly_labelled=True, bilevel=False,
+                 virtual_learning_rate=1e-4, gate_learning_rate=1e-3, **kwargs):
+        backbone = list(backbone)
+        if len(backbone) != 1 or not isinstance(backbone[0], GatedEncoders):
+            raise ValueError("SafeSharing's backbone is one GatedEncoders block; build "
+                             f"it with methods.safe_sharing. Received: {backbone}")
+        if virtual_learning_rate < 0 or not gate_learning_rate > 0:
+            raise ValueError(
+                "`virtual_learning_rate` must be >= 0 and `gate_learning_rate` > 0. "
+                f"Received: {virtual_learning_rate}, {gate_learning_rate}")
+        super().__init__(backbone, tasks, input_shape, jointly_labelled, **kwargs)
+        self.bilevel = bool(bilevel)
+        self.virtual_learning_rate = float(virtual_learning_rate)
+        self.gate_learning_rate = float(gate_learning_rate)
+        self.gate_optimizer = (keras.optimizers.Adam(gate_learning_rate, name="gate_adam")
+                               if self.bilevel else None)
+        self._heldout_data = None
+
+    def get_config(self):
+        return {**super().get_config(), "bilevel": self.bilevel,
+                "virtual_learning_rate": self.virtual_learning_rate,
+                "gate_learning_rate": self.gate_learning_rate}
+
+    @property
+    def gates(self):
+        """The `EncoderGate`s, in task order."""
+        return [l for l in self.conditioned_layers if isinstance(l, EncoderGate)]
+
+    # -- bi-level training ---------------------------------------------------
+
+    def fit(self, x=None, heldout_data=None, **kwargs):
+        """`MultiTaskModel.fit`; a bi-level model also takes `heldout_data`,
+        the data its gates are fitted on (cycled through alongside `x`)."""
+        if self.bilevel != (heldout_data is not None):
+            raise ValueError(
+                "A bi-level SafeSharing model fits its gates on `heldout_data`: "
+                "pass fit(train, heldout_data=...)." if self.bilevel else
+                "`heldout_data` is for bi-level models (bilevel=True).")
+        if heldout_data is not None:
+            self.check_dataset(heldout_data, "heldout_data")
+        self._heldout_data = heldout_data
+        return super().fit(x, **kwargs)
+
+    def training_batches(self, x):
+        if not self.bilevel:
+            return x
+        return tf.data.Dataset.zip((x, self._heldout_data.repeat()))
+
+    def _optimizer_of(self):
+        owners = super()._optimizer_of()
+        if self.bilevel:
+            owners.update({id(g.logits): self.gate_optimizer for g in self.gates})
+        return owners
+
+    def build_optimizer(self):
+        super().build_optimizer()
+        if self.bilevel and not self.gate_optimizer.built:
+            with self.distribute_strategy.scope():
+                self.gate_optimizer.build([g.logits for g in self.gates])
+
+    def train_step(self, data):
+        if not self.bilevel:
+            return super().train_step(data)
+        train, heldout = data
+        gates = [g.logits for g in self.gates]
+        network = [v for v in self.trainable_variables if all(v is not g for g in gates)]
+        self.gate_optimizer.apply_gradients(
+            zip(self._hypergradients(train, heldout, network, gates), gates))
+        with tf.GradientTape() as tape:
+            loss = self.optimizer.scale_loss(self._step(train, training=True))
+        self.apply_conditioned_gradients(tape.gradient(loss, network), network)
+        return self._logs()
+
+    def _hypergradients(self, train, heldout, network, gates):
+        """`d L_val(w - xi grad_w L_train(w, a), a) / d a` (steps 1-2)."""
+        with tf.GradientTape() as outer:
+            mapping = []
+            if self.virtual_learning_rate:
+                with tf.GradientTape() as inner, keras.StatelessScope():
+                    train_loss = self._step(train, training=True)
+                gradients = [g if g is None else all_replicas_sum(tf.convert_to_tensor(g))
+                             for g in inner.gradient(train_loss, network)]
+                mapping = [(w, w - self.virtual_learning_rate * g)
+                           for w, g in zip(network, gradients) if g is not None]
+            with keras.StatelessScope(state_mapping=mapping):
+                heldout_loss = self._step(heldout, training=True)
+        return outer.gradient(heldout_loss, gates)
+
+    # -- deployment ----------------------------------------------------------
+
+    def deployable_call(self):
+        encoders, gates = self.backbone[0], self.gates
+        if not all(g.lite for g in gates):
+            return super().deployable_call()
+        public = np.concatenate([g.public_weight(training=False).numpy() for g in gates]) > 0
+        private = {t: self._private_encoder(t) for t in range(self.num_tasks) if not public[t]}
+        after = encoders.gate is None
+
+        def call(x):
+            if public.any():
+                shared, _ = run_layers(encoders.public, x, None, False)
+            outputs = {}
+            for t, name in enumerate(self.task_names):
+                features = shared if public[t] else run_layers(private[t], x, None, False)[0]
+                head = self.heads[name]
+                if after:
+                    head = head.public if public[t] else head.private
+                outputs[name] = head(features, training=False)
+            return outputs
+
+        return call
+
+    def _private_encoder(self, task):
+        """Task `task`'s private encoder as plain layers of its own: a copy of
+        the public encoder's definition holding that task's private weights."""
+        encoders = self.backbone[0]
+        copy = [keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(l))
+                for l in encoders.public]
+        run_layers(copy, np.zeros((1,) + self.example_shape, "float32"), None, False)
+        for plain, twin in zip(copy, encoders.private, strict=True):
+            plain.set_weights([w[task] for w in twin.get_weights()])
+        return copy
+
+
 def safe_sharing(backbone, tasks, input_shape, jointly_labelled=True, lite=False,
-                 tau=0.1, seed=0, gates_after_decoders=False):
-    """An SMTL model: L-SMTL with `lite=True`, SMTL_c with
-    `gates_after_decoders=True`, L-SMTL_c with both.
+                 tau=0.1, seed=0, gates_after_decoders=False, **kwargs):
+    """A Safe MTL model (`SafeSharing`): SMTL; L-SMTL with `lite=True`,
+    SMTL_c with `gates_after_decoders=True`, L-SMTL_c with both.
 
     Args:
         backbone: a backbone definition, `backbone(num_tasks=None)` -> list of
@@ -121,27 +282,37 @@ def safe_sharing(backbone, tasks, input_shape, jointly_labelled=True, lite=False
             draws with seed `seed + t`).
         gates_after_decoders: SMTL_c: a public and a private decoder per
             task (each the task's head), gated on their outputs.
+        **kwargs: of `SafeSharing`: `bilevel`, `virtual_learning_rate`,
+            `gate_learning_rate`.
     """
+    heads = None
     if not gates_after_decoders:
         gate = EncoderGate(len(tasks), lite=lite, tau=tau, seed=seed, name="smtl_gate")
-        encoders = GatedEncoders(backbone(), backbone(num_tasks=len(tasks)), gate,
-                                 name="smtl_encoders")
-        return MultiTaskModel([encoders], tasks, input_shape, jointly_labelled)
-    encoders = GatedEncoders(backbone(), backbone(num_tasks=len(tasks)),
+    else:
+        gate = None
+        heads = {t.name: GatedDecoders(
+            t.head(), t.head(), EncoderGate(1, lite=lite, tau=tau, seed=seed + i,
+                                            name=f"smtl_gate_{t.name}"),
+            name=f"{t.name}_gated_decoders") for i, t in enumerate(tasks)}
+    encoders = GatedEncoders(backbone(), backbone(num_tasks=len(tasks)), gate,
                              name="smtl_encoders")
-    heads = {t.name: GatedDecoders(
-        t.head(), t.head(), EncoderGate(1, lite=lite, tau=tau, seed=seed + i,
-                                        name=f"smtl_gate_{t.name}"),
-        name=f"{t.name}_gated_decoders") for i, t in enumerate(tasks)}
-    return MultiTaskModel([encoders], tasks, input_shape, jointly_labelled, heads=heads)
+    return SafeSharing([encoders], tasks, input_shape, jointly_labelled, heads=heads,
+                       **kwargs)
 
 
 def define_flags():
-    """absl flags of `train.py --method=smtl|lsmtl`."""
+    """absl flags of `train.py --method=smtl|lsmtl|smtl_c|lsmtl_c`."""
     from absl import flags
 
     flags.DEFINE_float("smtl_tau", 0.1, "Temperature of the lite gate's Gumbel "
                        "relaxation (eq. 4).", lower_bound=1e-6)
+    flags.DEFINE_bool("smtl_bilevel", False,
+                      "Bi-level formulation (section 4.4): fit the gates on the "
+                      "validation split (held out of the training set), the rest on "
+                      "the training split.")
+    flags.DEFINE_float("smtl_virtual_lr", 1e-4,
+                       "Bi-level: learning rate of the virtual SGD step (0: first-order "
+                       "gate gradients).", lower_bound=0.0)
 
 
 def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epochs,
@@ -151,5 +322,8 @@ def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epoc
 
     model = safe_sharing(backbone, tasks, input_shape, jointly_labelled, lite=lite,
                          tau=flag_values.smtl_tau, seed=flag_values.seed,
-                         gates_after_decoders=gates_after_decoders)
+                         gates_after_decoders=gates_after_decoders,
+                         bilevel=flag_values.smtl_bilevel,
+                         virtual_learning_rate=flag_values.smtl_virtual_lr,
+                         gate_learning_rate=flag_values.learning_rate)
     return model, [GateHistory([t.name for t in tasks])]
