@@ -163,3 +163,46 @@ def test_batch_norm_on_tiled_rows_equals_the_routed_computation(training):
     np.testing.assert_allclose(tiled, routed, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(layers[1].moving_variance, layers[0].moving_variance,
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["lenet", "resnet"])
+def test_twin_run_one_pass_per_task_equals_one_tiled_pass(backbone):
+    from tf_mtl import backbones
+    from tf_mtl.layers.base import tile_tasks, tiled_rows
+
+    twin = backbones.BACKBONES[backbone](0.25, num_tasks=3)
+    assert backbones.is_per_task(twin)
+    x = tf.random.stateless_uniform((4, 28, 28, 1), seed=(1, 2))
+    backbones.run_tiled(twin, x, 3, training=False)  # builds
+    initial = [w.numpy() for l in twin for w in l.weights]
+
+    def run(one_pass_per_task):
+        for w, value in zip([w for l in twin for w in l.weights], initial, strict=True):
+            w.assign(value)
+        with tf.GradientTape() as tape:
+            if one_pass_per_task:
+                y, ids = backbones.run_tiled(twin, x, 3, training=True)
+            else:
+                with tiled_rows(3):
+                    y, ids = backbones.run_layers(twin, x, lambda r: tile_tasks(r, 3), True)
+            loss = tf.reduce_sum(y * tf.range(1.0, 1.0 + y.shape[-1]))
+        variables = [v for l in twin for v in l.trainable_variables]
+        return (y, ids, tape.gradient(loss, variables),
+                [v.numpy() for l in twin for v in l.non_trainable_variables])
+
+    ours, tiled = run(True), run(False)
+    np.testing.assert_allclose(ours[0], tiled[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ours[1], tiled[1])
+    for name, i in (("gradients", 2), ("moving statistics", 3)):
+        for a, b in zip(ours[i], tiled[i], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_is_per_task_tells_a_twin_from_shared_layers():
+    from tf_mtl import backbones
+
+    assert backbones.is_per_task(backbones.lenet(0.25, num_tasks=2))
+    assert backbones.is_per_task([PerTaskDense(2, 4), keras.layers.Flatten()])
+    assert not backbones.is_per_task(backbones.lenet(0.25))
+    assert not backbones.is_per_task([PerTaskDense(2, 4), keras.layers.Dense(3)])
+    assert not backbones.is_per_task([keras.layers.Flatten()])

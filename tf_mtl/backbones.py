@@ -22,12 +22,14 @@ routed from its first layer: SMTL's private encoders, a one-model STL.
 """
 
 import keras
+import tensorflow as tf
 
-from tf_mtl.layers.base import TaskConditioned, apply_conditioned
+from tf_mtl.layers.base import TaskConditioned, apply_conditioned, tile_tasks, tiled_rows
 from tf_mtl.layers.per_task import (
     PerTaskBatchNormalization,
     PerTaskConv2D,
     PerTaskDense,
+    PerTaskLayer,
 )
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 
@@ -255,6 +257,44 @@ def run_layers(layers, x, route, training, task_ids=None):
         else:
             x = layer(x, training=training)
     return x, task_ids
+
+
+def run_tiled(layers, x, num_tasks, training):
+    """`run_layers` on a jointly labelled batch serving all `num_tasks`
+    tasks: tiled at the first layer that routes (`tile_tasks`).
+
+    A per-task twin (`is_per_task(layers)`) shares nothing between tasks,
+    so it runs instead as T passes of B rows, one per task, each on `x`
+    itself: the same values, without the split and concatenation of the
+    T x B rows around every layer (what T separate models cost).
+    """
+    if not is_per_task(layers):
+        with tiled_rows(num_tasks):
+            return run_layers(layers, x, lambda rows: tile_tasks(rows, num_tasks), training)
+    outputs = []
+    for task in range(num_tasks):
+        with tiled_rows([task]):
+            outputs.append(run_layers(layers, x, lambda rows: tile_tasks(rows, [task]),
+                                      training)[0])
+    return tf.concat(outputs, axis=0), tf.repeat(tf.range(num_tasks), tf.shape(x)[0])
+
+
+# Layers that hold no weight: a per-task twin may have them.
+_WEIGHTLESS = (keras.layers.Flatten, keras.layers.Activation, keras.layers.Dropout,
+               keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
+               keras.layers.GlobalAveragePooling2D, keras.layers.Reshape)
+
+
+def is_per_task(layers):
+    """Whether no weight of `layers` serves more than one task: per-task
+    blocks without sites, per-task layers and weightless layers only."""
+    def per_task(layer):
+        if isinstance(layer, Block):
+            return bool(layer.num_tasks) and not layer.conditioned
+        return isinstance(layer, (PerTaskLayer, *_WEIGHTLESS))
+
+    layers = list(layers)
+    return any(not isinstance(l, _WEIGHTLESS) for l in layers) and all(map(per_task, layers))
 
 
 def sites(backbone):

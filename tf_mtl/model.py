@@ -5,13 +5,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mtl import tasks as tasks_module
-from tf_mtl.backbones import Block, run_layers
-from tf_mtl.layers.base import (
-    TaskConditioned,
-    objective_scope,
-    tile_tasks,
-    tiled_rows,
-)
+from tf_mtl.backbones import Block, run_layers, run_tiled
+from tf_mtl.layers.base import TaskConditioned, objective_scope
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 from tf_mtl.training import ConditionedTraining
 
@@ -186,9 +181,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             features, routed = run_layers(self.backbone, x, lambda r: (r, task_ids),
                                           training)
             return features, task_ids if routed is None else routed
-        with tiled_rows(self.num_tasks):
-            return run_layers(self.backbone, x,
-                              lambda rows: tile_tasks(rows, self.num_tasks), training)
+        return run_tiled(self.backbone, x, self.num_tasks, training)
 
     def _heads(self, features, row_tasks, training, tiled):
         """Per-task predictions, and each task's row indices when routed

@@ -8,15 +8,23 @@ import keras
 import tensorflow as tf
 
 
-def tile_tasks(features, num_tasks):
-    """Repeats a batch once per task: rows `[t*B, (t+1)*B)` belong to task t.
+def tile_tasks(features, tasks):
+    """Repeats a batch once per task: rows `[k*B, (k+1)*B)` belong to the
+    k-th task of `tasks` (T: tasks 0 .. T-1; or a sequence of task ids).
 
     This is where a jointly labelled batch enters the task-conditioned part
     of a backbone: everything before it ran once for all tasks.
     """
-    batch = tf.shape(features)[0]
-    task_ids = tf.repeat(tf.range(num_tasks, dtype=tf.int32), batch)
-    return tf.concat([features] * num_tasks, axis=0), task_ids
+    blocks = task_blocks(tasks)
+    task_ids = tf.repeat(tf.constant(blocks, tf.int32), tf.shape(features)[0])
+    return tf.concat([features] * len(blocks), axis=0), task_ids
+
+
+def task_blocks(tasks):
+    """`tasks` (T, or a sequence of task ids) as a tuple of task ids."""
+    if isinstance(tasks, int):
+        return tuple(range(tasks))
+    return tuple(int(t) for t in tasks)
 
 
 # The scopes of the training steps being traced, one stack per thread:
@@ -65,24 +73,30 @@ def objective_scope():
 
 
 @contextlib.contextmanager
-def tiled_rows(num_tasks):
-    """Declares the routed rows of the forward pass traced inside tiled:
-    T equal, contiguous blocks, task t's rows `[t*B, (t+1)*B)`. Layers that
-    hold per-task state then split the rows instead of partitioning them by
-    id: the same values, fewer ops, and graphs TFLite converts without Flex
-    ops (no DynamicPartition / DynamicStitch)."""
+def tiled_rows(tasks):
+    """Declares the routed rows of the forward pass traced inside tiled
+    (`tile_tasks(x, tasks)`): equal, contiguous blocks, the k-th holding
+    the rows of the k-th task of `tasks` (T: tasks 0 .. T-1; or task ids,
+    e.g. `[t]` for a pass of task t alone). Layers that hold per-task state
+    then split the rows instead of partitioning them by id: the same values,
+    fewer ops, and graphs TFLite converts without Flex ops (no
+    DynamicPartition / DynamicStitch)."""
     stack = _scopes.__dict__.setdefault("tiled", [])
-    stack.append(int(num_tasks))
+    stack.append(task_blocks(tasks))
     try:
         yield
     finally:
         stack.pop()
 
 
-def tiled_tasks():
-    """T when the rows being traced are tiled (`tiled_rows`), else None."""
+def tiled_tasks(num_tasks=None):
+    """The task of each block of the rows being traced (`tiled_rows`), or
+    None when they are not tiled or hold a task that a layer of `num_tasks`
+    tasks does not have."""
     stack = getattr(_scopes, "tiled", None)
-    return stack[-1] if stack else None
+    if stack and (num_tasks is None or max(stack[-1]) < num_tasks):
+        return stack[-1]
+    return None
 
 
 class TaskConditioned(keras.layers.Layer):

@@ -24,9 +24,10 @@ from tf_mtl.layers.task_batch_norm import broadcast_rows, normalize, task_moment
 def per_task(x, task_ids, num_tasks, apply):
     """`apply(t, rows_of_task_t)` on each task's rows, stitched back in order
     (split and concatenated where the rows are tiled, `tiled_rows`)."""
-    if tiled_tasks() == num_tasks:
+    blocks = tiled_tasks(num_tasks)
+    if blocks is not None:
         return tf.concat([apply(t, part) for t, part in
-                          enumerate(tf.split(x, num_tasks))], axis=0)
+                          zip(blocks, tf.split(x, len(blocks)))], axis=0)
     task_ids = tf.cast(task_ids, tf.int32)
     parts = tf.dynamic_partition(x, task_ids, num_tasks)
     rows = tf.dynamic_partition(tf.range(tf.shape(x)[0]), task_ids, num_tasks)
@@ -202,8 +203,9 @@ class PerTaskBatchNormalization(PerTaskLayer):
     def call(self, x, task_ids, training=None):
         x32 = tf.cast(x, tf.float32)
         update = bool(training and self.trainable)
-        if tiled_tasks() == self.num_tasks:
-            y = self._tiled(x32, update)
+        blocks = tiled_tasks(self.num_tasks)
+        if blocks is not None:
+            y = self._tiled(x32, blocks, update)
         else:
             y = self._routed(x32, tf.cast(task_ids, tf.int32), update)
         return tf.cast(y, self.compute_dtype)
@@ -220,18 +222,22 @@ class PerTaskBatchNormalization(PerTaskLayer):
         return y * broadcast_rows(tf.gather(self.gamma, task_ids), spatial) + broadcast_rows(
             tf.gather(self.beta, task_ids), spatial)
 
-    def _tiled(self, x, update):
-        """Tiled rows: each task's block normalised on its own, no gathers."""
-        parts = tf.split(x, self.num_tasks)
+    def _tiled(self, x, blocks, update):
+        """Tiled rows (block k of task `blocks[k]`): each block normalised
+        on its own, no gathers."""
+        parts = tf.split(x, len(blocks))
         if update:
             axes = list(range(len(x.shape) - 1))
-            mean, variance = (tf.stack(m) for m in zip(*[tf.nn.moments(p, axes) for p in parts]))
-            self._update_moving(mean, variance, tf.ones([self.num_tasks], tf.bool))
+            moments = [tf.nn.moments(p, axes) for p in parts]
+            tasks = range(self.num_tasks)
+            block_of = [blocks.index(t) if t in blocks else 0 for t in tasks]
+            self._update_moving(*(tf.stack([moments[k][i] for k in block_of]) for i in (0, 1)),
+                                tf.constant([t in blocks for t in tasks]))
         else:
-            mean, variance = self.moving_mean, self.moving_variance
-        return tf.concat([tf.nn.batch_normalization(p, mean[t], variance[t], self.beta[t],
+            moments = [(self.moving_mean[t], self.moving_variance[t]) for t in blocks]
+        return tf.concat([tf.nn.batch_normalization(p, mean, variance, self.beta[t],
                                                     self.gamma[t], self.epsilon)
-                          for t, p in enumerate(parts)], axis=0)
+                          for p, (mean, variance), t in zip(parts, moments, blocks)], axis=0)
 
     def _update_moving(self, mean, variance, present):
         """Each task with rows: `m[t] <- momentum m[t] + (1 - momentum) mu_t`."""

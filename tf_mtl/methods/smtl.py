@@ -17,7 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_mtl.backbones import Block, run_layers
+from tf_mtl.backbones import Block, run_layers, run_tiled
+from tf_mtl.layers.base import tiled_tasks
 from tf_mtl.layers.gate import EncoderGate
 from tf_mtl.model import MultiTaskModel, all_replicas_sum
 
@@ -48,7 +49,11 @@ class GatedEncoders(Block):
 
     def call(self, x, task_ids=None, training=None, route=None):
         shared, _ = run_layers(self.public, x, route, training, task_ids)
-        private, routed = run_layers(self.private, x, route, training, task_ids)
+        tiled = tiled_tasks()
+        if task_ids is None and tiled is not None:  # jointly labelled rows
+            private, routed = run_tiled(self.private, x, len(tiled), training)
+        else:
+            private, routed = run_layers(self.private, x, route, training, task_ids)
         if task_ids is None:
             shared, _ = route(shared)  # the same rows, one copy per task
         if self.gate is None:
