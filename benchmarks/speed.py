@@ -1,7 +1,8 @@
-"""Train-step time and peak memory of MPPS against hard sharing, and of
-per-task weights against separate models, one process.
+"""Train-step time and peak memory of MPPS against hard sharing, of
+per-task weights against separate models, and of Safe MTL's bi-level step,
+one process.
 
-    .venv/bin/python benchmarks/speed.py > benchmarks/speed.md   # both tables
+    .venv/bin/python benchmarks/speed.py > benchmarks/speed.md   # every table
     .venv/bin/python benchmarks/speed.py per_task                 # one of them
 
 For each setting it builds an HPS and an MPPS model on the same backbone
@@ -22,6 +23,7 @@ of HPS, counted by TensorFlow's profiler. Non-jointly labelled batches are
 never tiled (B = 1).
 """
 
+import functools
 import os
 import statistics
 import sys
@@ -38,7 +40,12 @@ import tensorflow as tf  # noqa: E402
 
 from tf_mtl import backbones  # noqa: E402
 from tf_mtl.layers import objective_scope  # noqa: E402
-from tf_mtl.methods import hard_sharing, progressive_sharing, single_task  # noqa: E402
+from tf_mtl.methods import (  # noqa: E402
+    hard_sharing,
+    progressive_sharing,
+    safe_sharing,
+    single_task,
+)
 from tf_mtl.model import MultiTaskModel  # noqa: E402
 from tf_mtl.tasks import classification  # noqa: E402
 
@@ -92,13 +99,17 @@ def _batch(num_tasks, jointly, size=BATCH):
     return tf.data.Dataset.from_tensors(data).repeat()
 
 
-def _trainer(model, num_tasks, jointly, size=BATCH):
+def _trainer(model, num_tasks, jointly, size=BATCH, heldout=False):
     model.compile(optimizer="adam")
     if not jointly:
         model.set_task_frequencies(np.ones(num_tasks))
     model.make_train_function()
     step = model.train_function
-    iterator = iter(_batch(num_tasks, jointly, size))
+    batches = _batch(num_tasks, jointly, size)
+    if heldout:  # a bi-level model's (training, held-out) pairs
+        batches = tf.data.Dataset.zip((batches, batches))
+        model.build_optimizer()
+    iterator = iter(batches)
 
     def run(steps):
         for _ in range(steps):
@@ -163,12 +174,37 @@ def measure_per_task(backbone, num_tasks, blocks=7, steps=10):
     return bound, _step_times(runs, blocks, steps)
 
 
+def measure_bilevel(num_tasks, blocks=7, steps=10):
+    """Safe MTL's step, single-level and bi-level (first order, and second
+    order through the virtual step), and the relative distance between the
+    two orders' gate gradients on one batch, from the same weights."""
+    tasks = [classification(f"task_{t}", 3) for t in range(num_tasks)]
+    backbone = functools.partial(backbones.lenet, 1.0)
+    build = lambda **kw: safe_sharing(backbone, tasks, SHAPE, seed=0, **kw)
+    models = {"single": build(), "first": build(bilevel=True, virtual_learning_rate=0.0),
+              "second": build(bilevel=True)}
+    models["first"].set_weights(models["second"].get_weights())
+    runs = {name: _trainer(model, num_tasks, True, heldout=name != "single")
+            for name, model in models.items()}
+    batch = next(iter(_batch(num_tasks, True)))
+    gradients = []
+    for name in ("first", "second"):
+        model = models[name]
+        gates = [g.logits for g in model.gates]
+        network = [v for v in model.trainable_variables if all(v is not g for g in gates)]
+        gradients.append(model._hypergradients(batch, batch, network, gates)[0])
+    distance = float(tf.norm(gradients[1] - gradients[0]) / tf.norm(gradients[0]))
+    return _step_times(runs, blocks, steps), distance
+
+
 def main(sections):
     keras.utils.set_random_seed(0)
     if "mpps" in sections:
         mpps_table()
     if "per_task" in sections:
         per_task_table()
+    if "bilevel" in sections:
+        bilevel_table()
 
 
 def mpps_table():
@@ -212,5 +248,20 @@ def per_task_table():
               f"| {step['twin'] / step['separate']:.2f} |", flush=True)
 
 
+def bilevel_table():
+    print("\nSafe MTL bi-level (section 4.4): step time over the single-level SMTL "
+          "step (LeNet, width 1; the gates on a held-out batch of the same size), "
+          "and ||g_2 - g_1|| / ||g_1|| of the gates' gradients, first (g_1) and "
+          "second order (g_2, virtual SGD step at 1e-4), on one batch.\n")
+    print("| T | SMTL ms/step | bi-level first order: time ratio | second order: "
+          "time ratio | gradient distance |")
+    print("|---|---|---|---|---|")
+    for num_tasks in (2, 3):
+        step, distance = measure_bilevel(num_tasks)
+        print(f"| {num_tasks} | {1e3 * step['single']:.1f} | "
+              f"{step['first'] / step['single']:.2f} | "
+              f"{step['second'] / step['single']:.2f} | {distance:.1e} |", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["mpps", "per_task"])
+    main(sys.argv[1:] or ["mpps", "per_task", "bilevel"])
