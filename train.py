@@ -31,7 +31,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", "mpps",
-                  ["hps", "stl", "mpps", "smtl", "lsmtl", "smtl_c", "lsmtl_c"],
+                  ["hps", "stl", "mpps", "smtl", "lsmtl", "smtl_c", "lsmtl_c", "mr", "tr"],
                   "Method to train.")
 flags.DEFINE_enum("dataset", "multifashion",
                   ["multifashion", "multifashion_texture", "fashion_groups", "synthetic",
@@ -69,15 +69,17 @@ flags.DEFINE_bool("deterministic", False,
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tf_mtl.methods import hps, mpps, smtl  # noqa: E402
+from tf_mtl.methods import hps, mpps, roaming, smtl  # noqa: E402
 
 mpps.define_flags()
 smtl.define_flags()
+roaming.define_flags()
 METHODS = {
     "hps": hps.from_flags, "mpps": mpps.from_flags, "smtl": smtl.from_flags,
     "lsmtl": functools.partial(smtl.from_flags, lite=True),
     "smtl_c": functools.partial(smtl.from_flags, gates_after_decoders=True),
     "lsmtl_c": functools.partial(smtl.from_flags, lite=True, gates_after_decoders=True),
+    "mr": roaming.from_flags, "tr": functools.partial(roaming.from_flags, roaming=False),
 }
 
 
@@ -282,7 +284,7 @@ def _print_table(tasks, results):
 def main(argv):
     del argv
     from tf_mtl import backbones, data as datasets, export, plots
-    from tf_mtl.callbacks import ExclusiveCapacityScheduler, GateHistory
+    from tf_mtl.callbacks import ExclusiveCapacityScheduler, GateHistory, MaximumRoaming
     from tf_mtl.tasks import classification
 
     start = time.time()
@@ -332,6 +334,10 @@ def main(argv):
             if isinstance(callback, GateHistory):
                 extra["smtl"] = callback.history
                 plots.plot_gates(callback.history, os.path.join(FLAGS.output_dir, "gates.png"))
+            if isinstance(callback, MaximumRoaming):
+                extra["roaming"] = callback.history
+                plots.plot_roaming(callback.history,
+                                   os.path.join(FLAGS.output_dir, "roaming.png"))
 
     if reference is not None:
         results["vs_reference"] = _compare(tasks, results, reference)

@@ -170,6 +170,20 @@ def test_safe_mtl_logs_its_gates_and_draws_them(tmp_path, method):
     assert_task_accuracies(read_json(out / "results.json"))
 
 
+@pytest.mark.parametrize("method, updates", [("mr", 2), ("tr", 0)])
+def test_roaming_logs_update_ratio_and_overlap(tmp_path, method, updates):
+    out = run_train(tmp_path, f"--method={method}", "--dataset=synthetic", "--epochs=2",
+                    "--roaming_interval=1", "--sharing_ratio=0.4")
+    saved = read_json(out / "history.json")
+    assert [r["epoch"] for r in saved["roaming"]] == [0, 1]
+    assert all(layer["updates"] == updates for layer in saved["roaming"][-1]["layers"].values())
+    assert len(saved["history"]["overlap"]) == 2
+    assert (saved["history"]["update_ratio"][-1] > 0) == (method == "mr")
+    assert os.path.getsize(out / "roaming.png") > 0
+    assert_task_accuracies(read_json(out / "results.json"))
+    assert_export(out / "export")
+
+
 @pytest.mark.parametrize("method", [
     ["--method=hps"],
     ["--method=mpps", "--mpps_frozen_start=0", "--mpps_frozen_end=0"],

@@ -74,6 +74,7 @@ class Block(keras.layers.Layer):
     """
 
     site_channels = ()
+    site_layers = ()  # the convolution or dense layer of each site
 
     def __init__(self, num_tasks=None, **kwargs):
         super().__init__(**kwargs)
@@ -105,6 +106,10 @@ class Block(keras.layers.Layer):
 
     def conditioned_layers(self):
         return list(self.conditioned.values())
+
+    def site_kernel(self, site):
+        """The kernel of the layer whose channels site `site` sees."""
+        return self.site_layers[site].kernel
 
     def _site(self, site, x, task_ids, training, route):
         layer = self.conditioned.get(str(site))
@@ -157,6 +162,10 @@ class ConvUnit(Block):
     def site_channels(self):
         return (self.filters,)
 
+    @property
+    def site_layers(self):
+        return (self.conv,)
+
     def get_config(self):
         return {**super().get_config(), "filters": self.filters,
                 "kernel_size": self.kernel_size, "strides": self.strides,
@@ -187,6 +196,10 @@ class DenseUnit(Block):
     def site_channels(self):
         return (self.units,)
 
+    @property
+    def site_layers(self):
+        return (self.dense,)
+
     def get_config(self):
         return {**super().get_config(), "units": self.units,
                 "activation": self.activation_name}
@@ -215,6 +228,10 @@ class ResidualUnit(Block):
     @property
     def site_channels(self):
         return (self.filters, self.filters)
+
+    @property
+    def site_layers(self):
+        return (self.conv1, self.conv2)
 
     def build(self, input_shape):
         if self.strides != 1 or input_shape[-1] != self.filters:

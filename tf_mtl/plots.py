@@ -98,3 +98,21 @@ def plot_gates(records, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_roaming(records, path):
+    """Maximum Roaming per epoch: the update ratio r(c) (eq. 6) and the mean
+    overlap of the task partitions, averaged over layers.
+
+    `records` is `MaximumRoaming.history`.
+    """
+    epochs = [r["epoch"] + 1 for r in records]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [r["update_ratio"] for r in records], lw=2, label="update ratio r(c)")
+    ax.plot(epochs, [r["overlap"] for r in records], lw=2,
+            label="overlap (channels two tasks share)")
+    ax.set(xlabel="epoch", ylim=(-0.02, 1.02), title="Maximum Roaming")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -33,9 +33,11 @@ def epoch_shuffled(arrays, batch_size, seed):
         return tf.random.experimental.stateless_shuffle(
             tf.range(size), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
 
+    batches = -(-int(size) // batch_size)
     dataset = (tf.data.Dataset.from_tensors(0).map(permutation).unbatch()
                .batch(batch_size)
                .map(lambda rows: tf.nest.map_structure(lambda a: tf.gather(a, rows), arrays))
+               .apply(tf.data.experimental.assert_cardinality(batches))  # fit's steps
                .prefetch(tf.data.AUTOTUNE))
     _ORDERED[id(dataset)] = (weakref.ref(dataset), epoch)
     weakref.finalize(dataset, _ORDERED.pop, id(dataset), None)

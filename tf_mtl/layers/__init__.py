@@ -2,6 +2,7 @@
 
 from tf_mtl.layers.base import ObjectiveScope, TaskConditioned, objective_scope
 from tf_mtl.layers.gate import EncoderGate
+from tf_mtl.layers.partition import ChannelPartition
 from tf_mtl.layers.per_task import (
     PerTaskBatchNormalization,
     PerTaskConv2D,
@@ -11,7 +12,7 @@ from tf_mtl.layers.progressive_mask import ProgressiveMask
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 
 __all__ = [
-    "TaskConditioned", "ProgressiveMask", "TaskBatchNormalization", "EncoderGate",
+    "TaskConditioned", "ProgressiveMask", "ChannelPartition", "TaskBatchNormalization", "EncoderGate",
     "PerTaskDense", "PerTaskConv2D", "PerTaskBatchNormalization",
     "ObjectiveScope", "objective_scope",
 ]

@@ -2,8 +2,9 @@
 
 from tf_mtl.methods.hps import hard_sharing
 from tf_mtl.methods.mpps import progressive_sharing
+from tf_mtl.methods.roaming import maximum_roaming
 from tf_mtl.methods.smtl import safe_sharing
 from tf_mtl.methods.stl import single_task, task_view
 
-__all__ = ["hard_sharing", "progressive_sharing", "safe_sharing", "single_task",
+__all__ = ["hard_sharing", "maximum_roaming", "progressive_sharing", "safe_sharing", "single_task",
            "task_view"]
