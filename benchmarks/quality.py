@@ -10,14 +10,12 @@ STL of the same seed (then averaged), and the lowest / median / average
 task accuracy (Table 3 style). Runs are kept under benchmarks/runs/.
 """
 
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
+from _runs import ROOT, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tf_mtl.metrics import accuracy_summary, relative_improvement  # noqa: E402
@@ -34,17 +32,8 @@ METHODS = {
 
 
 def run(dataset, seed, method):
-    out = os.path.join(ROOT, "benchmarks", "runs", dataset, method, str(seed))
-    results = os.path.join(out, "results.json")
-    if not os.path.exists(results):
-        subprocess.run(
-            [sys.executable, os.path.join(ROOT, "train.py"), f"--dataset={dataset}",
-             f"--seed={seed}", f"--output_dir={out}", "--verbose=0", *BUDGET,
-             *METHODS[method]],
-            check=True, stdout=subprocess.DEVNULL, cwd=ROOT,
-        )
-    with open(results) as f:
-        return json.load(f)
+    return train(os.path.join(dataset, method, str(seed)),
+                 [f"--dataset={dataset}", f"--seed={seed}", *BUDGET, *METHODS[method]])[0]
 
 
 def table(dataset):

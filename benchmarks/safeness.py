@@ -13,14 +13,10 @@ epoch). Method flags were fixed before any run and not tuned. Runs are
 kept under benchmarks/runs/safeness/.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _runs import train
 SEEDS = (0, 1, 2)
 DATASET = "multifashion_texture"
 BUDGET = ["--epochs=6", "--limit=20000", "--batch_size=128", "--backbone=lenet",
@@ -38,18 +34,10 @@ METHODS = {
 
 
 def run(method, seed):
-    out = os.path.join(ROOT, "benchmarks", "runs", "safeness", method.replace(" ", "_"),
-                       str(seed))
-    results = os.path.join(out, "results.json")
-    if not os.path.exists(results):
-        reference = [] if method == "STL" else [f"--reference={run('STL', seed)[2]}"]
-        subprocess.run(
-            [sys.executable, os.path.join(ROOT, "train.py"), f"--dataset={DATASET}",
-             f"--seed={seed}", f"--output_dir={out}", "--verbose=0", *BUDGET,
-             *METHODS[method], *reference],
-            check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
-    with open(results) as f, open(os.path.join(out, "history.json")) as h:
-        return json.load(f), json.load(h), results
+    reference = [] if method == "STL" else [f"--reference={run('STL', seed)[2]}"]
+    return train(os.path.join("safeness", method.replace(" ", "_"), str(seed)),
+                 [f"--dataset={DATASET}", f"--seed={seed}", *BUDGET, *METHODS[method],
+                  *reference])
 
 
 def main():
