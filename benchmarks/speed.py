@@ -1,6 +1,6 @@
 """Train-step time and peak memory of MPPS against hard sharing, of
-per-task weights against separate models, and of Safe MTL's bi-level step,
-one process.
+per-task weights against separate models, of Safe MTL's bi-level step and of
+Maximum Roaming, one process.
 
     .venv/bin/python benchmarks/speed.py > benchmarks/speed.md   # every table
     .venv/bin/python benchmarks/speed.py per_task                 # one of them
@@ -42,6 +42,7 @@ from tf_mtl import backbones  # noqa: E402
 from tf_mtl.layers import objective_scope  # noqa: E402
 from tf_mtl.methods import (  # noqa: E402
     hard_sharing,
+    maximum_roaming,
     progressive_sharing,
     safe_sharing,
     single_task,
@@ -74,9 +75,10 @@ def _flops(fn, spec):
 
 
 def flop_bound(mpps, hps):
-    """B of DESIGN.md: FLOPs of the MPPS training forward pass over those of
-    hard sharing. The MPPS pass tiles the batch at the first mask, so its
-    FLOPs are stem + T * suffix + heads (plus the few of the masks)."""
+    """B of DESIGN.md: FLOPs of the MPPS (or any routed model's) training
+    forward pass over those of hard sharing. The MPPS pass tiles the batch at
+    the first mask, so its FLOPs are stem + T * suffix + heads (plus the few
+    of the masks)."""
     spec = tf.TensorSpec((BATCH,) + SHAPE)
 
     def forward(model):
@@ -197,6 +199,18 @@ def measure_bilevel(num_tasks, blocks=7, steps=10):
     return _step_times(runs, blocks, steps), distance
 
 
+def measure_roaming(backbone, num_tasks, blocks=7, steps=10):
+    """Maximum Roaming's step in one tiled pass and in T per-task passes
+    (the paper's way: `routing="sequential"`), against HPS; and B."""
+    tasks = [classification(f"task_{t}", 3) for t in range(num_tasks)]
+    mr = lambda routing: maximum_roaming(backbone(), tasks, SHAPE, routing=routing)
+    hps = lambda: hard_sharing(backbone(), tasks, SHAPE)
+    runs = {"hps": _trainer(hps(), num_tasks, True),
+            "tiled": _trainer(mr("tiled"), num_tasks, True),
+            "sequential": _trainer(mr("sequential"), num_tasks, True)}
+    return flop_bound(mr("tiled"), hps()), _step_times(runs, blocks, steps)
+
+
 def main(sections):
     keras.utils.set_random_seed(0)
     if "mpps" in sections:
@@ -205,6 +219,8 @@ def main(sections):
         per_task_table()
     if "bilevel" in sections:
         bilevel_table()
+    if "roaming" in sections:
+        roaming_table()
 
 
 def mpps_table():
@@ -263,5 +279,20 @@ def bilevel_table():
               f"{step['second'] / step['single']:.2f} | {distance:.1e} |", flush=True)
 
 
+def roaming_table():
+    print("\nMaximum Roaming (a partition at every site, p = 0.5): one tiled pass "
+          "against T per-task passes (the paper's way), time ratios over HPS on B "
+          "rows (/ B, the FLOP bound of the tiled pass over HPS).\n")
+    print("| backbone | T | B (FLOPs) | HPS ms/step | MR tiled: time ratio (/ B) "
+          "| MR, T per-task passes: time ratio (/ B) |")
+    print("|---|---|---|---|---|---|")
+    for name, backbone, num_tasks in PER_TASK_SETTINGS:
+        bound, step = measure_roaming(backbone, num_tasks)
+        cells = [f"{step[r] / step['hps']:.2f} ({step[r] / step['hps'] / bound:.2f})"
+                 for r in ("tiled", "sequential")]
+        print(f"| {name} | {num_tasks} | {bound:.2f} | {1e3 * step['hps']:.1f} | "
+              + " | ".join(cells) + " |", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["mpps", "per_task", "bilevel"])
+    main(sys.argv[1:] or ["mpps", "per_task", "bilevel", "roaming"])

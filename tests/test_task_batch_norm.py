@@ -81,3 +81,23 @@ def test_rejects_what_it_cannot_keep_apart():
     layer = TaskBatchNormalization(axis=1)
     with pytest.raises(ValueError, match="channels last"):
         layer(tf.ones((4, 3, 2)), tf.constant([0, 0, 1, 1]), training=True)
+
+
+@pytest.mark.parametrize("blocks", [3, [2], [0, 2]])
+def test_tiled_rows_equal_the_routed_computation(blocks):
+    from tf_mtl.layers.base import task_blocks, tiled_rows
+
+    layers = [TaskBatchNormalization(momentum=0.7) for _ in range(2)]
+    tasks = task_blocks(blocks)
+    x = tf.random.stateless_normal((3 * len(tasks), 4, 4, 5), seed=(2, 3)) * 2 + 1
+    task_ids = tf.repeat(tf.constant(tasks), 3)
+    for layer in layers:
+        layer.build(x.shape)
+        layer.moving_mean.assign(tf.fill([5], 0.3))
+    routed = layers[0](x, task_ids, training=True)
+    with tiled_rows(blocks):
+        tiled = layers[1](x, task_ids, training=True)
+    np.testing.assert_allclose(tiled, routed, rtol=1e-5, atol=1e-5)
+    for name in ("moving_mean", "moving_variance"):
+        np.testing.assert_allclose(getattr(layers[1], name), getattr(layers[0], name),
+                                   rtol=1e-5, err_msg=name)

@@ -18,7 +18,12 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mtl.layers.base import TaskConditioned, tiled_tasks
-from tf_mtl.layers.task_batch_norm import broadcast_rows, normalize, task_moments
+from tf_mtl.layers.task_batch_norm import (
+    block_moments,
+    broadcast_rows,
+    normalize,
+    task_moments,
+)
 
 
 def per_task(x, task_ids, num_tasks, apply):
@@ -225,15 +230,11 @@ class PerTaskBatchNormalization(PerTaskLayer):
     def _tiled(self, x, blocks, update):
         """Tiled rows (block k of task `blocks[k]`): each block normalised
         on its own, no gathers."""
-        parts = tf.split(x, len(blocks))
         if update:
-            axes = list(range(len(x.shape) - 1))
-            moments = [tf.nn.moments(p, axes) for p in parts]
-            tasks = range(self.num_tasks)
-            block_of = [blocks.index(t) if t in blocks else 0 for t in tasks]
-            self._update_moving(*(tf.stack([moments[k][i] for k in block_of]) for i in (0, 1)),
-                                tf.constant([t in blocks for t in tasks]))
+            parts, moments, mean, variance, present = block_moments(x, blocks, self.num_tasks)
+            self._update_moving(mean, variance, present)
         else:
+            parts = tf.split(x, len(blocks))
             moments = [(self.moving_mean[t], self.moving_variance[t]) for t in blocks]
         return tf.concat([tf.nn.batch_normalization(p, mean, variance, self.beta[t],
                                                     self.gamma[t], self.epsilon)

@@ -3,6 +3,8 @@
 import keras
 import tensorflow as tf
 
+from tf_mtl.layers.base import tiled_tasks
+
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
 class TaskBatchNormalization(keras.layers.BatchNormalization):
@@ -44,13 +46,18 @@ class TaskBatchNormalization(keras.layers.BatchNormalization):
                 "`mask`, `renorm` or `synchronized`."
             )
         x = tf.cast(inputs, tf.float32)
-        task_ids = tf.cast(task_ids, tf.int32)
-        mean, variance, present = task_moments(x, task_ids, tf.reduce_max(task_ids) + 1)
-        outputs = normalize(x, task_ids, mean, variance, self.epsilon)
-        if self.scale:
-            outputs *= tf.cast(self.gamma, tf.float32)
-        if self.center:
-            outputs += tf.cast(self.beta, tf.float32)
+        gamma = tf.cast(self.gamma, tf.float32) if self.scale else None
+        beta = tf.cast(self.beta, tf.float32) if self.center else None
+        blocks = tiled_tasks()
+        if blocks is not None:  # each task's block on its own: no gathers
+            parts, moments, mean, variance, present = block_moments(x, blocks, max(blocks) + 1)
+            outputs = tf.concat([tf.nn.batch_normalization(p, m, v, beta, gamma, self.epsilon)
+                                 for p, (m, v) in zip(parts, moments)], axis=0)
+        else:
+            task_ids = tf.cast(task_ids, tf.int32)
+            mean, variance, present = task_moments(x, task_ids, tf.reduce_max(task_ids) + 1)
+            outputs = normalize(x, task_ids, mean, variance, self.epsilon)
+            outputs = outputs * (1.0 if gamma is None else gamma) + (0.0 if beta is None else beta)
         self._update_moving(mean, variance, present)
         return tf.cast(outputs, self.compute_dtype)
 
@@ -62,6 +69,18 @@ class TaskBatchNormalization(keras.layers.BatchNormalization):
         keep = self.momentum ** tf.reduce_sum(present)
         for moving, value in ((self.moving_mean, mean), (self.moving_variance, variance)):
             moving.assign(keep * moving + tf.reduce_sum(decay[:, None] * value, 0))
+
+
+def block_moments(x, blocks, num_tasks):
+    """Tiled rows, block k of task `blocks[k]` (`tiled_rows`): the blocks,
+    each block's moments, and every task's mean and variance `(T, C)` (any
+    block's where the task has none) and which tasks have rows, `(T,)`."""
+    parts = tf.split(x, len(blocks))
+    axes = list(range(len(x.shape) - 1))
+    moments = [tf.nn.moments(p, axes) for p in parts]
+    block_of = [blocks.index(t) if t in blocks else 0 for t in range(num_tasks)]
+    mean, variance = (tf.stack([moments[k][i] for k in block_of]) for i in (0, 1))
+    return parts, moments, mean, variance, tf.constant([t in blocks for t in range(num_tasks)])
 
 
 def task_moments(x, task_ids, num_tasks):
