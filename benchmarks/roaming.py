@@ -17,7 +17,7 @@ import numpy as np
 from _runs import train
 
 SEEDS = (0, 1, 2)
-DATASETS = ("multifashion",)  # FashionGroups: not run yet (time)
+DATASETS = ("multifashion", "fashion_groups")
 BUDGET = ["--epochs=5", "--limit=10000", "--batch_size=128", "--backbone=lenet",
           "--width=0.5"]
 RATIOS = (0.3, 0.5, 0.8)

@@ -27,7 +27,9 @@ class ChannelPartition(TaskConditioned):
     cover), then each task is filled up to its count with channels drawn
     uniformly. (The paper's alternative, a Bernoulli(p) draw per entry with
     uncovered channels given to one task, gives tasks unequal counts, which
-    would end their plans at different steps.)
+    would end their plans at different steps.) Constraint 3 with equal
+    counts needs p >= 1/T: below it every task keeps the cover's C/T
+    channels, a disjoint partition, whatever p.
 
     `roam()` is one step of the update plan (Definition 1, eq. 4): per task,
     one active channel off and one never-visited channel on. The partition
