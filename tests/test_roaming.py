@@ -142,6 +142,25 @@ def test_callback_roams_every_interval_and_logs(joint):
         MaximumRoaming(completion=1.5)
 
 
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_callback_counts_interval_boundaries_not_batches(steps_per_execution):
+    # With 4 steps per call, each callback batch crosses 4 one-step
+    # intervals: the plan still takes one update per interval.
+    ds = data.load("synthetic", batch_size=32, limit=128)
+    model = _model()
+    model.compile(optimizer="adam", steps_per_execution=steps_per_execution)
+    model.fit(ds.train, epochs=1, verbose=0, callbacks=[MaximumRoaming(interval=0.25)])
+    assert [int(p.updates.numpy()) for p in model.conditioned_layers] == [
+        min(4, p.plan_length()) for p in model.conditioned_layers]
+
+
+def test_site_kernel_of_a_block_without_site_layers_is_a_clear_error():
+    from tf_mtl import backbones
+
+    with pytest.raises(ValueError, match="site_layers"):
+        backbones.Block(name="mine").site_kernel(0)
+
+
 def test_least_aligned_callback_reads_each_site_kernel():
     ds = data.load("synthetic", batch_size=32, limit=64)
     model = _model()

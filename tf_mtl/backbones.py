@@ -24,7 +24,8 @@ routed from its first layer: SMTL's private encoders, a one-model STL.
 import keras
 import tensorflow as tf
 
-from tf_mtl.layers.base import TaskConditioned, apply_conditioned, tile_tasks, tiled_rows
+from tf_mtl.layers.base import (
+    TaskConditioned, apply_conditioned, task_blocks, tile_tasks, tiled_rows)
 from tf_mtl.layers.per_task import (
     PerTaskBatchNormalization,
     PerTaskConv2D,
@@ -109,6 +110,10 @@ class Block(keras.layers.Layer):
 
     def site_kernel(self, site):
         """The kernel of the layer whose channels site `site` sees."""
+        if site >= len(self.site_layers):
+            raise ValueError(
+                f"{type(self).__name__} {self.name!r} names no layer for site {site}: "
+                "define `site_layers` (one convolution or dense layer per site).")
         return self.site_layers[site].kernel
 
     def _site(self, site, x, task_ids, training, route):
@@ -276,24 +281,26 @@ def run_layers(layers, x, route, training, task_ids=None):
     return x, task_ids
 
 
-def run_tiled(layers, x, num_tasks, training):
-    """`run_layers` on a jointly labelled batch serving all `num_tasks`
-    tasks: tiled at the first layer that routes (`tile_tasks`).
+def run_tiled(layers, x, tasks, training):
+    """`run_layers` on a jointly labelled batch serving `tasks` (T: tasks
+    0 .. T-1; or a sequence of task ids): tiled at the first layer that
+    routes (`tile_tasks`).
 
     A per-task twin (`is_per_task(layers)`) shares nothing between tasks,
-    so it runs instead as T passes of B rows, one per task, each on `x`
-    itself: the same values, without the split and concatenation of the
-    T x B rows around every layer (what T separate models cost).
+    so it runs instead as one pass of B rows per task, each on `x` itself:
+    the same values, without the split and concatenation of the T x B rows
+    around every layer (what T separate models cost).
     """
     if not is_per_task(layers):
-        with tiled_rows(num_tasks):
-            return run_layers(layers, x, lambda rows: tile_tasks(rows, num_tasks), training)
+        with tiled_rows(tasks):
+            return run_layers(layers, x, lambda rows: tile_tasks(rows, tasks), training)
     outputs = []
-    for task in range(num_tasks):
+    for task in task_blocks(tasks):
         with tiled_rows([task]):
             outputs.append(run_layers(layers, x, lambda rows: tile_tasks(rows, [task]),
                                       training)[0])
-    return tf.concat(outputs, axis=0), tf.repeat(tf.range(num_tasks), tf.shape(x)[0])
+    task_ids = tf.constant(task_blocks(tasks), tf.int32)
+    return tf.concat(outputs, axis=0), tf.repeat(task_ids, tf.shape(x)[0])
 
 
 # Layers that hold no weight: a per-task twin may have them.

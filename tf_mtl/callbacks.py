@@ -244,15 +244,16 @@ class MaximumRoaming(keras.callbacks.Callback):
 
     def _partitions(self):
         """`[(partition, kernel or None)]`: the kernel of the layer each
-        partition masks, where it sits at a backbone site."""
+        partition masks, needed by `least_aligned` selection only."""
         from tf_mtl.backbones import Block
         from tf_mtl.layers.partition import ChannelPartition
 
         kernels = {}
-        for block in self.model._flatten_layers(include_self=False, recursive=True):
-            if isinstance(block, Block):
-                for site, layer in block.conditioned.items():
-                    kernels[id(layer)] = block.site_kernel(int(site))
+        if self.selection == "least_aligned":
+            for block in self.model._flatten_layers(include_self=False, recursive=True):
+                if isinstance(block, Block):
+                    for site, layer in block.conditioned.items():
+                        kernels[id(layer)] = block.site_kernel(int(site))
         found = [(layer, kernels.get(id(layer))) for layer in conditioned_layers(self.model)
                  if isinstance(layer, ChannelPartition)]
         if not found:
@@ -269,15 +270,25 @@ class MaximumRoaming(keras.callbacks.Callback):
         self._interval_steps = max(1, round(self.interval * (steps or 0))) if steps else None
         self._partitions_found = self._partitions()
 
-    def _update(self):
-        for partition, kernel in self._partitions_found:
-            partition.roam(self.completion, self.selection,
-                           None if kernel is None else kernel.numpy())
+    def _update(self, times=1):
+        for _ in range(times):
+            for partition, kernel in self._partitions_found:
+                partition.roam(self.completion, self.selection,
+                               None if kernel is None else kernel.numpy())
+
+    def _slot(self):
+        return int(self.model.optimizer.iterations.numpy()) // self._interval_steps
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._interval_steps:
+            self._slot_before = self._slot()
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if self._interval_steps and step % self._interval_steps == 0:
-            self._update()
+        # One update per interval boundary the step count crossed: a batch
+        # may advance it by several (`steps_per_execution`) or by none (a
+        # loss-scale skip), so no `iterations % interval` test.
+        if self._interval_steps:
+            self._update(self._slot() - self._slot_before)
 
     def on_epoch_end(self, epoch, logs=None):
         if self._interval_steps is None and (epoch + 1) % int(self.interval) == 0:
