@@ -230,3 +230,33 @@ def test_bilevel_fit_steps_gates_on_heldout_data_and_saves_their_optimizer(tmp_p
     plain.compile()
     with pytest.raises(ValueError, match="bi-level"):
         plain.fit(ds.train, heldout_data=ds.validation, verbose=0)
+
+
+def test_sequential_routing_trains_like_tiled_routing():
+    # Sequential routing runs the private encoders one task at a time: each
+    # task must still get its own twin's weights.
+    ds = data.load("synthetic", batch_size=32, limit=64)
+    models = [methods.safe_sharing(_dense, TASKS, SHAPE, routing=r) for r in ("tiled", "sequential")]
+    models[1].set_weights(models[0].get_weights())
+    for model in models:
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+        model.fit(ds.train, epochs=1, verbose=0)
+    for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="routing='sequential', bilevel=True"):
+        methods.safe_sharing(_dense, TASKS, SHAPE, routing="sequential", bilevel=True)
+
+
+def test_bilevel_mixed_precision_scales_the_gate_loss():
+    ds = data.load("synthetic", batch_size=32, limit=64)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = methods.safe_sharing(_dense, TASKS, SHAPE, seed=1, bilevel=True)
+        model.compile(optimizer="adam")
+        before = model.gates[0].logits.numpy()
+        model.fit(ds.train, heldout_data=ds.validation, epochs=1, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(model.gate_optimizer, keras.optimizers.LossScaleOptimizer)
+    after = model.gates[0].logits.numpy()
+    assert np.isfinite(after).all() and not np.allclose(after, before)

@@ -51,7 +51,7 @@ class GatedEncoders(Block):
         shared, _ = run_layers(self.public, x, route, training, task_ids)
         tiled = tiled_tasks()
         if task_ids is None and tiled is not None:  # jointly labelled rows
-            private, routed = run_tiled(self.private, x, len(tiled), training)
+            private, routed = run_tiled(self.private, x, tiled, training)
         else:
             private, routed = run_layers(self.private, x, route, training, task_ids)
         if task_ids is None:
@@ -132,7 +132,12 @@ class SafeSharing(MultiTaskModel):
     3. the real step of the network (not the gates) on the training loss.
 
     The virtual passes change no state: no normalisation statistics, draw
-    count or metric moves (they run in a `keras.StatelessScope`).
+    count or metric moves (they run in a `keras.StatelessScope`). So the
+    virtual passes and the real step see the same random draws (the lite
+    gates' Gumbel noise, dropout masks), as one network evaluated twice.
+    `fit`'s `validation_data` metrics are plain evaluation: when it is the
+    held-out set too (`train.py` passes its validation split as both), they
+    are not held out from the gates.
 
     **Deployment**: `deployable_call()` is the inference function with each
     lite gate's choice fixed: only the chosen encoders (and SMTL_c
@@ -158,6 +163,9 @@ class SafeSharing(MultiTaskModel):
                 "`virtual_learning_rate` must be >= 0 and `gate_learning_rate` > 0. "
                 f"Received: {virtual_learning_rate}, {gate_learning_rate}")
         super().__init__(backbone, tasks, input_shape, jointly_labelled, **kwargs)
+        if bilevel and self.routing != "tiled":
+            raise ValueError("Bi-level SafeSharing trains on tiled routing only. "
+                             f"Received: routing={self.routing!r}, bilevel=True")
         self.bilevel = bool(bilevel)
         self.virtual_learning_rate = float(virtual_learning_rate)
         self.gate_learning_rate = float(gate_learning_rate)
@@ -203,6 +211,11 @@ class SafeSharing(MultiTaskModel):
 
     def build_optimizer(self):
         super().build_optimizer()
+        if self.bilevel and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # Mixed precision: the gates' step scales its loss too, and skips
+            # when a gradient overflows.
+            if not isinstance(self.gate_optimizer, keras.optimizers.LossScaleOptimizer):
+                self.gate_optimizer = keras.optimizers.LossScaleOptimizer(self.gate_optimizer)
         if self.bilevel and not self.gate_optimizer.built:
             with self.distribute_strategy.scope():
                 self.gate_optimizer.build([g.logits for g in self.gates])
@@ -227,12 +240,14 @@ class SafeSharing(MultiTaskModel):
             if self.virtual_learning_rate:
                 with tf.GradientTape() as inner, keras.StatelessScope():
                     train_loss = self._step(train, training=True)
-                gradients = [g if g is None else all_replicas_sum(tf.convert_to_tensor(g))
-                             for g in inner.gradient(train_loss, network)]
+                    scaled = self.optimizer.scale_loss(train_loss)
+                scale = getattr(self.optimizer, "dynamic_scale", 1.0)  # mixed precision
+                gradients = [g if g is None else all_replicas_sum(tf.convert_to_tensor(g)) / scale
+                             for g in inner.gradient(scaled, network)]
                 mapping = [(w, w - self.virtual_learning_rate * g)
                            for w, g in zip(network, gradients) if g is not None]
             with keras.StatelessScope(state_mapping=mapping):
-                heldout_loss = self._step(heldout, training=True)
+                heldout_loss = self.gate_optimizer.scale_loss(self._step(heldout, training=True))
         return outer.gradient(heldout_loss, gates)
 
     # -- deployment ----------------------------------------------------------
