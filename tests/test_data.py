@@ -234,6 +234,9 @@ def test_texture_noise_lies_in_its_band_only():
         inside = (power[bands == k] * masks[k]).sum()
         np.testing.assert_allclose(inside, power[bands == k].sum(), rtol=1e-6)
     np.testing.assert_allclose(noise.std(axis=(1, 2)), 1.0, rtol=1e-5)
+    # Filtered in chunks to bound memory: the same textures.
+    chunked = multifashion_texture.band_noise(bands, seed=0, chunk=3)
+    np.testing.assert_allclose(chunked, noise, rtol=1e-6, atol=1e-6)
 
 
 def test_multifashion_texture_adds_an_independent_band_label():

@@ -49,15 +49,24 @@ def band_masks(size=multifashion.IMAGE_SIZE, edges=BAND_EDGES):
     return np.stack([(radius >= lo) & (radius < hi) for lo, hi in zip(edges, edges[1:])])
 
 
-def band_noise(bands, seed=0, size=multifashion.IMAGE_SIZE):
+def band_noise(bands, seed=0, size=multifashion.IMAGE_SIZE, chunk=4096):
     """One texture per entry of `bands` (band indices, `(N,)`): unit-variance
-    noise of that band, float32 `(N, size, size)`."""
+    noise of that band, float32 `(N, size, size)`.
+
+    Filtered `chunk` images at a time (the float64 spectra of a whole
+    training split would take gigabytes); consecutive draws are one draw,
+    so `chunk` does not change the result."""
     bands = np.asarray(bands)
     rng = np.random.default_rng(seed)
-    white = rng.standard_normal((len(bands), size, size))
-    filtered = np.fft.ifft2(np.fft.fft2(white) * band_masks(size)[bands]).real
-    filtered /= filtered.std(axis=(1, 2), keepdims=True)
-    return filtered.astype(np.float32)
+    # The masks are radial, so symmetric in frequency: a real FFT suffices.
+    masks = band_masks(size)[..., :size // 2 + 1]
+    noise = np.empty((len(bands), size, size), np.float32)
+    for start in range(0, len(bands), chunk):
+        rows = bands[start:start + chunk]
+        white = rng.standard_normal((len(rows), size, size))
+        filtered = np.fft.irfft2(np.fft.rfft2(white) * masks[rows], s=(size, size))
+        noise[start:start + chunk] = filtered / filtered.std(axis=(1, 2), keepdims=True)
+    return noise
 
 
 def make_multifashion_texture(images, labels, seed=0, amplitude=DEFAULT_AMPLITUDE):
