@@ -26,14 +26,17 @@ def _separate(per_task_layer, make, x_shape):
 
 
 def _compare(per_task_layer, layers, x, task_ids, training=False):
+    # Only the tasks present: Keras's own Conv2D mis-shapes an empty batch
+    # on oneDNN CPUs (the per-task layers restate their shape).
+    present = sorted(set(task_ids))
     task_ids = tf.constant(task_ids)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
         ours = per_task_layer(x, task_ids, training=training)
         theirs = tf.dynamic_stitch(
-            [tf.cast(tf.where(task_ids == t)[:, 0], tf.int32) for t in range(3)],
+            [tf.cast(tf.where(task_ids == t)[:, 0], tf.int32) for t in present],
             [layers[t](tf.boolean_mask(x, task_ids == t), training=training)
-             for t in range(3)])
+             for t in present])
         weights = tf.range(1.0, 1.0 + ours.shape[-1])
         loss_ours, loss_theirs = (tf.reduce_sum(o * weights) for o in (ours, theirs))
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -135,6 +135,11 @@ class PerTaskConv2D(PerTaskLayer):
         def conv(t, rows):
             y = tf.nn.conv2d(rows, tf.cast(self.kernel[t], rows.dtype),
                              self.strides, self.padding.upper())
+            # oneDNN's convolution of an empty batch (a task with no rows)
+            # returns the input's channels: restate the output shape.
+            _, height, width, _ = self.compute_output_shape(tuple(rows.shape))
+            if height is not None and width is not None:
+                y = tf.reshape(y, [-1, height, width, self.filters])
             return y + tf.cast(self.bias[t], y.dtype) if self.use_bias else y
 
         return per_task(x, task_ids, self.num_tasks, conv)
