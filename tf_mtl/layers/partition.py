@@ -29,7 +29,8 @@ class ChannelPartition(TaskConditioned):
     uncovered channels given to one task, gives tasks unequal counts, which
     would end their plans at different steps.) Constraint 3 with equal
     counts needs p >= 1/T: below it every task keeps the cover's C/T
-    channels, a disjoint partition, whatever p.
+    channels, a disjoint partition, whatever p (with one task: every
+    channel).
 
     `roam()` is one step of the update plan (Definition 1, eq. 4): per task,
     one active channel off and one never-visited channel on. The partition
