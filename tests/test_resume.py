@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 from tf_mtl import backbones, data, methods
-from tf_mtl.callbacks import ExclusiveCapacityScheduler, MaximumRoaming
+from tf_mtl.callbacks import ExclusiveCapacityScheduler, MaximumRoaming, ParameterPassing
 from tf_mtl.tasks import classification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,6 +127,10 @@ def _run(method, backup_dir, callbacks=(), epochs=3):
     elif method == "mr":  # the partitions, visited sets and update counts
         model = methods.maximum_roaming(backbones.lenet(0.25), tasks, (28, 28, 1), seed=2)
         method_callbacks.append(MaximumRoaming(interval=0.25))
+    elif method == "ppnet":  # 6-step phases: the kill and the resume fall in adjacent learning
+        model = methods.parameter_passing(functools.partial(backbones.lenet, 0.25), tasks,
+                                          (28, 28, 1), passing="channel")
+        method_callbacks.append(ParameterPassing(period=6, unit="steps"))
     else:  # L-SMTL: the gates' Gumbel draws; bi-level: the gates' own Adam
         bilevel = method == "lsmtl_bilevel"
         model = methods.safe_sharing(functools.partial(backbones.lenet, 0.25), tasks,
@@ -139,7 +143,7 @@ def _run(method, backup_dir, callbacks=(), epochs=3):
     return model, method_callbacks
 
 
-@pytest.mark.parametrize("method", ["mpps", "lsmtl", "lsmtl_bilevel", "mr"])
+@pytest.mark.parametrize("method", ["mpps", "lsmtl", "lsmtl_bilevel", "mr", "ppnet"])
 def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(method,
                                                                           tmp_path):
     reference, ref_callbacks = _run(method, str(tmp_path / "a"))
@@ -159,6 +163,9 @@ def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(metho
     if method == "mr":  # an update every 2 of the 8 steps of each epoch
         assert [int(p.updates.numpy()) for p in resumed.conditioned_layers] == [
             min(12, p.plan_length()) for p in resumed.conditioned_layers]
+        return
+    if method == "ppnet":  # the phase resumed in was trained: its affinity is recorded
+        assert [h["epoch"] for h in callbacks[0].history] == [1, 2]
         return
     random_layer = next(l for l in resumed.conditioned_layers if hasattr(l, "draws"))
     assert int(random_layer.draws.numpy()) == 3 * 8  # every step's draw, once

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from tf_mtl.layers.base import (
     TaskConditioned, apply_conditioned, task_blocks, tile_tasks, tiled_rows)
+from tf_mtl.layers.passing import check_spec, layer_passing
 from tf_mtl.layers.per_task import (
     PerTaskBatchNormalization,
     PerTaskConv2D,
@@ -37,24 +38,6 @@ from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 # Keras' default momentum 0.99 leaves a third of the initial statistics
 # after 100 steps: too slow for runs of a few hundred steps per epoch.
 _MOMENTUM = 0.9
-
-
-def _norm(num_tasks=None):
-    if num_tasks:
-        return PerTaskBatchNormalization(num_tasks, momentum=_MOMENTUM)
-    return TaskBatchNormalization(momentum=_MOMENTUM)
-
-
-def _conv(num_tasks, filters, kernel_size, strides=1, padding="same"):
-    if num_tasks:
-        return PerTaskConv2D(num_tasks, filters, kernel_size, strides=strides,
-                             padding=padding, use_bias=False)
-    return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding,
-                               use_bias=False)
-
-
-def _dense(num_tasks, units):
-    return PerTaskDense(num_tasks, units) if num_tasks else keras.layers.Dense(units)
 
 
 def _apply(layer, x, task_ids, training):
@@ -77,10 +60,37 @@ class Block(keras.layers.Layer):
     site_channels = ()
     site_layers = ()  # the convolution or dense layer of each site
 
-    def __init__(self, num_tasks=None, **kwargs):
+    def __init__(self, num_tasks=None, passing=None, **kwargs):
         super().__init__(**kwargs)
+        if passing is not None and not num_tasks:
+            raise ValueError(f"Block {self.name!r}: passing needs per-task layers "
+                             f"(`num_tasks`). Received: passing={passing}")
         self.num_tasks = num_tasks
+        self.passing = passing and check_spec(passing)
         self.conditioned = {}
+
+    # Sublayers: plain, or per-task copies (passed ones with `passing`,
+    # `tf_mtl.layers.passing.passing_spec`).
+
+    def _conv(self, filters, kernel_size, strides=1, padding="same"):
+        if self.num_tasks:
+            return PerTaskConv2D(self.num_tasks, filters, kernel_size, strides=strides,
+                                 padding=padding, use_bias=False,
+                                 **layer_passing(self.passing))
+        return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding,
+                                   use_bias=False)
+
+    def _norm(self):
+        if self.num_tasks:
+            return PerTaskBatchNormalization(
+                self.num_tasks, momentum=_MOMENTUM,
+                **layer_passing(self.passing, normalization=True))
+        return TaskBatchNormalization(momentum=_MOMENTUM)
+
+    def _dense(self, units):
+        if self.num_tasks:
+            return PerTaskDense(self.num_tasks, units, **layer_passing(self.passing))
+        return keras.layers.Dense(units)
 
     def condition(self, site, layer):
         """Puts the task-conditioned `layer` at site number `site`."""
@@ -126,6 +136,7 @@ class Block(keras.layers.Layer):
         return {
             **super().get_config(),
             "num_tasks": self.num_tasks,
+            "passing": self.passing,
             "conditioned": {site: keras.saving.serialize_keras_object(layer)
                             for site, layer in self.conditioned.items()},
         }
@@ -158,8 +169,8 @@ class ConvUnit(Block):
         self.padding = padding
         self.pool_size = pool_size
         self.activation_name = activation
-        self.conv = _conv(num_tasks, filters, kernel_size, strides, padding)
-        self.norm = _norm(num_tasks)
+        self.conv = self._conv(filters, kernel_size, strides, padding)
+        self.norm = self._norm()
         self.activation = keras.layers.Activation(activation)
         self.pool = keras.layers.MaxPooling2D(pool_size) if pool_size else None
 
@@ -194,7 +205,7 @@ class DenseUnit(Block):
         super().__init__(num_tasks, **kwargs)
         self.units = units
         self.activation_name = activation
-        self.dense = _dense(num_tasks, units)
+        self.dense = self._dense(units)
         self.activation = keras.layers.Activation(activation)
 
     @property
@@ -226,8 +237,8 @@ class ResidualUnit(Block):
         super().__init__(num_tasks, **kwargs)
         self.filters = filters
         self.strides = strides
-        self.conv1, self.norm1 = _conv(num_tasks, filters, 3, strides), _norm(num_tasks)
-        self.conv2, self.norm2 = _conv(num_tasks, filters, 3), _norm(num_tasks)
+        self.conv1, self.norm1 = self._conv(filters, 3, strides), self._norm()
+        self.conv2, self.norm2 = self._conv(filters, 3), self._norm()
         self.shortcut = None
 
     @property
@@ -240,8 +251,7 @@ class ResidualUnit(Block):
 
     def build(self, input_shape):
         if self.strides != 1 or input_shape[-1] != self.filters:
-            self.shortcut = [_conv(self.num_tasks, self.filters, 1, self.strides),
-                             _norm(self.num_tasks)]
+            self.shortcut = [self._conv(self.filters, 1, self.strides), self._norm()]
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters,
@@ -336,38 +346,39 @@ def _scaled(channels, width):
     return max(1, round(channels * width))
 
 
-def lenet(width=1.0, num_tasks=None):
+def lenet(width=1.0, num_tasks=None, passing=None):
     """LeNet-style CNN for 28x28 inputs (the MultiMNIST network of Sener &
     Koltun 2018 with batch normalisation): two 5x5 convolutions with 2x2
     max-pooling, then a dense layer. 3 sites; `width` scales every layer;
-    `num_tasks` makes the per-task twin.
+    `num_tasks` makes the per-task twin, `passing` (a `passing_spec`) its
+    passed version.
     """
+    per_task = {"num_tasks": num_tasks, "passing": passing}
     return [
-        ConvUnit(_scaled(20, width), 5, padding="valid", pool_size=2,
-                 num_tasks=num_tasks),
-        ConvUnit(_scaled(50, width), 5, padding="valid", pool_size=2,
-                 num_tasks=num_tasks),
+        ConvUnit(_scaled(20, width), 5, padding="valid", pool_size=2, **per_task),
+        ConvUnit(_scaled(50, width), 5, padding="valid", pool_size=2, **per_task),
         keras.layers.Flatten(),
-        DenseUnit(_scaled(256, width), num_tasks=num_tasks),
+        DenseUnit(_scaled(256, width), **per_task),
     ]
 
 
-def resnet(width=1.0, blocks_per_stage=1, num_tasks=None):
+def resnet(width=1.0, blocks_per_stage=1, num_tasks=None, passing=None):
     """A small ResNet: a 3x3 stem convolution, three stages of residual
     blocks (16, 32, 64 channels times `width`, the last two at stride 2) and
     global average pooling. With one block per stage it has 7 sites, the last
-    6 being the block convolutions. `num_tasks` makes the per-task twin.
+    6 being the block convolutions. `num_tasks` makes the per-task twin,
+    `passing` (a `passing_spec`) its passed version.
     """
     if int(blocks_per_stage) < 1:
         raise ValueError(
             f"`blocks_per_stage` must be >= 1. Received: {blocks_per_stage}"
         )
-    layers = [ConvUnit(_scaled(16, width), 3, num_tasks=num_tasks)]
+    per_task = {"num_tasks": num_tasks, "passing": passing}
+    layers = [ConvUnit(_scaled(16, width), 3, **per_task)]
     for stage, channels in enumerate((16, 32, 64)):
         for block in range(blocks_per_stage):
             strides = 2 if stage > 0 and block == 0 else 1
-            layers.append(ResidualUnit(_scaled(channels, width), strides,
-                                       num_tasks=num_tasks))
+            layers.append(ResidualUnit(_scaled(channels, width), strides, **per_task))
     layers.append(keras.layers.GlobalAveragePooling2D())
     return layers
 

@@ -301,3 +301,136 @@ class MaximumRoaming(keras.callbacks.Callback):
         self.history.append({"epoch": epoch, **record, "layers": {
             p.name: {"update_ratio": p.update_ratio(), "overlap": p.overlap(),
                      "updates": int(p.updates.numpy())} for p in partitions}})
+
+
+PASSING_SCHEDULES = ("alternate", "joint", "fixed")
+
+
+class ParameterPassing(keras.callbacks.Callback):
+    """The training schedule of Parameter Passing Networks (papers/004,
+    eq. 7 and B.2) for every passed layer (`PerTaskLayer(passing=...)`).
+
+    - `"alternate"` (PPNet): self-learning for `period`, where the network
+      trains and every passing matrix A is frozen; then adjacent learning
+      for `period`, where only the A train (each by its layer's plain SGD)
+      and every network weight is frozen; and so on. Each adjacent phase
+      ends with a set-back (`W <- W'`, A reset), and so does training.
+      Normalisation keeps batch statistics and updates its moving
+      statistics in both phases (the network is in training mode; only
+      its weights are frozen).
+    - `"joint"` (the paper's Adj-only baseline): W and A train together at
+      every step; set back at the end of training.
+    - `"fixed"` (Adj-fixed): A is set once to a fixed passing,
+      `(I + 11^T / T) / 2` layer-wise (each task keeps half of its weights
+      and takes half of the tasks' mean; `kron(I_C, .)` channel-wise), and
+      never trains; W trains through it.
+
+    The phase is a function of the epoch and the step in it, so a run
+    resumed at an epoch's start is in the phase an uninterrupted run would
+    be. Entering self-learning always sets back (a no-op when A already
+    passes nothing), so a run resumed after an adjacent phase still is.
+    The network optimizer's moments are kept across phases and set-backs,
+    as in the reference code (which writes the passed weights into the
+    parameters in place): `W'` differs from W by one phase of A's steps,
+    and Adam's per-coordinate scales stay meaningful for it; resetting them
+    would restart Adam's bias correction every 2 periods.
+
+    Logs gain `adjacent` (1 in adjacent learning). `history` holds, per
+    adjacent phase, the task affinity of every passed layer (appendix
+    I.2, `tf_mtl.layers.passing.task_affinity`) taken before its set-back,
+    for `tf_mtl.plots.plot_affinity`.
+
+    Args:
+        period: N, the length of each phase (10 epochs in the paper).
+        unit: `"epochs"` or `"steps"`.
+        schedule: `"alternate"`, `"joint"` or `"fixed"`.
+        steps_per_epoch: for `unit="steps"` when `fit` does not know it.
+    """
+
+    def __init__(self, period=10, unit="epochs", schedule="alternate",
+                 steps_per_epoch=None):
+        super().__init__()
+        if not (isinstance(period, int) and period >= 1):
+            raise ValueError(f"`period` must be an integer >= 1. Received: period={period!r}")
+        if unit not in ("epochs", "steps"):
+            raise ValueError(f"`unit` must be 'epochs' or 'steps'. Received: unit={unit!r}")
+        if schedule not in PASSING_SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {PASSING_SCHEDULES}. "
+                             f"Received: schedule={schedule!r}")
+        self.period, self.unit, self.schedule = period, unit, schedule
+        self.steps_per_epoch = steps_per_epoch
+        self.history = []
+
+    def on_train_begin(self, logs=None):
+        from tf_mtl.layers.passing import fixed_matrix, passed_layers
+
+        self._layers = passed_layers(self.model)
+        if not self._layers:
+            raise ValueError("ParameterPassing: the model has no passed layer "
+                             "(build it with methods.parameter_passing).")
+        self._steps = (self.params or {}).get("steps") or self.steps_per_epoch
+        if self.unit == "steps" and self._steps is None:
+            raise ValueError("ParameterPassing: a period in steps needs the number of "
+                             "steps per epoch, which fit does not know: pass "
+                             "`steps_per_epoch`.")
+        matrices = {id(l.passing_matrix) for l in self._layers}
+        # Every weight created trainable, whatever a phase left it at.
+        self._network = [v for layer in self.model._flatten_layers(include_self=True)
+                         for v in layer._trainable_variables if id(v) not in matrices]
+        self._phase = None
+        if self.schedule == "fixed":
+            for layer in self._layers:
+                if layer.passes_nothing():
+                    layer.passing_matrix.assign(fixed_matrix(layer))
+            self._freeze(passing=True)
+
+    def _freeze(self, passing):
+        """Freezes the passing matrices (`passing`) or the network."""
+        for v in self._network:
+            v.trainable = passing
+        for layer in self._layers:
+            layer.passing_matrix.trainable = not passing
+        self.model.make_train_function(force=True)  # traced on the new variables
+
+    def phase_at(self, epoch, batch):
+        """`"self"` or `"adjacent"` at step `batch` of `epoch`."""
+        if self.schedule != "alternate":
+            return self.schedule
+        position = epoch if self.unit == "epochs" else epoch * self._steps + batch
+        return "adjacent" if (position // self.period) % 2 else "self"
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        phase = self.phase_at(self._epoch, batch)
+        if phase == self._phase or self.schedule != "alternate":
+            return
+        if phase == "self":
+            self._set_back()
+        self._freeze(passing=phase == "self")
+        self._phase = phase
+
+    def _set_back(self):
+        from tf_mtl.layers.passing import task_affinity
+
+        if not all(layer.passes_nothing() for layer in self._layers):
+            self.history.append({"epoch": self._epoch, "affinity": {
+                layer.name: task_affinity(layer.passing_matrix.numpy(), layer.num_tasks,
+                                          layer.passing_variant).tolist()
+                for layer in self._layers}})
+        for layer in self._layers:
+            layer.set_back()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["adjacent"] = float(self._phase == "adjacent")
+
+    def on_train_end(self, logs=None):
+        if self.schedule != "fixed":
+            self._set_back()
+        for v in self._network:
+            v.trainable = True
+        for layer in self._layers:
+            layer.passing_matrix.trainable = True
+        self.model.train_function = None  # the next fit traces its own

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tf_mtl import tasks as tasks_module
 from tf_mtl.backbones import Block, run_layers, run_tiled
+from tf_mtl.layers.passing import fold_passing, folded_passing
 from tf_mtl.layers.base import TaskConditioned, objective_scope
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 from tf_mtl.training import ConditionedTraining
@@ -205,8 +206,15 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
     def deployable_call(self):
         """The function `x -> {task_name: output}` a deployment runs (what
         `tf_mtl.export` traces): the model at inference. A method whose
-        inference can drop parts of the model overrides it."""
-        return lambda x: self(x, training=False)
+        inference can drop parts of the model overrides it. Passed layers
+        serve their passed weights, with no passing matrix in the graph."""
+        folded = fold_passing(self)
+
+        def call(x):
+            with folded_passing(folded):
+                return self(x, training=False)
+
+        return call
 
     # -- training ----------------------------------------------------------
 

@@ -18,6 +18,13 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mtl.layers.base import TaskConditioned, tiled_tasks
+from tf_mtl.layers.passing import (
+    check_passing,
+    folded_weights,
+    matrix_size,
+    neutral_matrix,
+    pass_weights,
+)
 from tf_mtl.layers.task_batch_norm import (
     block_moments,
     broadcast_rows,
@@ -40,16 +47,94 @@ def per_task(x, task_ids, num_tasks, apply):
 
 
 class PerTaskLayer(TaskConditioned):
-    """Base of the per-task layers: T, and the config every one shares."""
+    """Base of the per-task layers: T, and parameter passing.
 
-    def __init__(self, num_tasks, **kwargs):
+    With `passing` (`"layer"` or `"channel"`, `tf_mtl.layers.passing`), the
+    layer holds a passing matrix A and computes with the passed weights
+    `W' = W A` of the weights it names in `passed_weights`; A starts at
+    passing nothing and trains with its own plain SGD (the paper's adjacent
+    learning, lr `passing_learning_rate`). `set_back()` writes `W'` into W
+    and resets A. `tf_mtl.callbacks.ParameterPassing` schedules which of W
+    and A train.
+
+    Args:
+        num_tasks: T.
+        passing: None, `"layer"` (A is T x T) or `"channel"` ((C T) x (C T)).
+        passing_variant: `"linear"`, `"residual"` or `"nonlinear"`.
+        passing_learning_rate: A's plain SGD (0.1 in the paper, B.2).
+    """
+
+    passed_weights = ()
+
+    def __init__(self, num_tasks, passing=None, passing_variant="linear",
+                 passing_learning_rate=0.1, **kwargs):
         super().__init__(**kwargs)
         if int(num_tasks) < 1:
             raise ValueError(f"`num_tasks` must be >= 1. Received: {num_tasks}")
+        if passing is not None:
+            check_passing(passing, passing_variant)
+            if not passing_learning_rate > 0:
+                raise ValueError("`passing_learning_rate` must be > 0. "
+                                 f"Received: passing_learning_rate={passing_learning_rate}")
         self.num_tasks = int(num_tasks)
+        self.passing, self.passing_variant = passing, passing_variant
+        self.passing_learning_rate = float(passing_learning_rate)
+        # Made here, not in `build`: Keras may build a layer in a stateless
+        # scope, where no optimizer could create its step count.
+        self._passing_optimizer = (keras.optimizers.SGD(self.passing_learning_rate)
+                                   if passing else None)
+
+    def _build_passing(self, channels):
+        if self.passing is None:
+            return
+        neutral = neutral_matrix(self.passing_variant,
+                                 matrix_size(self.passing, self.num_tasks, channels))
+        self.passing_matrix = self.add_weight(
+            shape=neutral.shape, name="passing_matrix",
+            initializer=lambda shape, dtype=None: neutral)
+
+    def passes_nothing(self):
+        """Whether A is at its start (set back): `W' = W`."""
+        neutral = neutral_matrix(self.passing_variant, self.passing_matrix.shape[0])
+        return np.array_equal(self.passing_matrix.numpy(), neutral)
+
+    def weight(self, name):
+        """Weight `name` as the layer computes with it: passed, if it is."""
+        value = getattr(self, name)
+        if self.passing is None or value is None or name not in self.passed_weights:
+            return value
+        folded = folded_weights()
+        if folded is not None:  # deployment: no passing matrix in the graph
+            return folded.get(id(self), {}).get(name, value)
+        return self._passed(value)
+
+    def _passed(self, value):
+        return pass_weights(tf.convert_to_tensor(value), tf.convert_to_tensor(
+            self.passing_matrix), self.passing, self.passing_variant)
+
+    def set_back(self):
+        """`W <- W'` for every passed weight, then A passes nothing (eq. 7):
+        the layer computes what it did."""
+        passed = {n: self._passed(getattr(self, n)) for n in self.passed_weights
+                  if getattr(self, n) is not None}
+        for name, value in passed.items():
+            getattr(self, name).assign(value)
+        self.passing_matrix.assign(
+            neutral_matrix(self.passing_variant, self.passing_matrix.shape[0]))
+
+    def dedicated_optimizer(self):
+        if self._passing_optimizer is None:
+            return None
+        if not self._passing_optimizer.built:  # plain SGD: no slot to create
+            self._passing_optimizer.build([self.passing_matrix])
+        return self._passing_optimizer, [self.passing_matrix]
 
     def get_config(self):
-        return {**super().get_config(), "num_tasks": self.num_tasks}
+        config = {**super().get_config(), "num_tasks": self.num_tasks}
+        if self.passing is not None:
+            config.update(passing=self.passing, passing_variant=self.passing_variant,
+                          passing_learning_rate=self.passing_learning_rate)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
@@ -65,6 +150,8 @@ class PerTaskDense(PerTaskLayer):
     >>> y = PerTaskDense(num_tasks=3, units=8)(x, task_ids)
     """
 
+    passed_weights = ("kernel", "bias")
+
     def __init__(self, num_tasks, units, activation=None, use_bias=True,
                  kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(num_tasks, **kwargs)
@@ -79,11 +166,14 @@ class PerTaskDense(PerTaskLayer):
             initializer=_per_task_initializer(self.kernel_initializer))
         self.bias = self.add_weight(shape=(self.num_tasks, self.units), name="bias",
                                     initializer="zeros") if self.use_bias else None
+        self._build_passing(self.units)
 
     def call(self, x, task_ids, training=None):
+        kernel, bias = self.weight("kernel"), self.weight("bias")
+
         def dense(t, rows):
-            y = tf.matmul(rows, tf.cast(self.kernel[t], rows.dtype))
-            return y + tf.cast(self.bias[t], y.dtype) if self.use_bias else y
+            y = tf.matmul(rows, tf.cast(kernel[t], rows.dtype))
+            return y + tf.cast(bias[t], y.dtype) if self.use_bias else y
 
         return self.activation(per_task(x, task_ids, self.num_tasks, dense))
 
@@ -111,6 +201,8 @@ class PerTaskConv2D(PerTaskLayer):
     >>> y = PerTaskConv2D(num_tasks=2, filters=4, kernel_size=3)(x, task_ids)
     """
 
+    passed_weights = ("kernel", "bias")
+
     def __init__(self, num_tasks, filters, kernel_size, strides=1, padding="valid",
                  use_bias=True, kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(num_tasks, **kwargs)
@@ -130,17 +222,20 @@ class PerTaskConv2D(PerTaskLayer):
             name="kernel", initializer=_per_task_initializer(self.kernel_initializer))
         self.bias = self.add_weight(shape=(self.num_tasks, self.filters), name="bias",
                                     initializer="zeros") if self.use_bias else None
+        self._build_passing(self.filters)
 
     def call(self, x, task_ids, training=None):
+        kernel, bias = self.weight("kernel"), self.weight("bias")
+
         def conv(t, rows):
-            y = tf.nn.conv2d(rows, tf.cast(self.kernel[t], rows.dtype),
+            y = tf.nn.conv2d(rows, tf.cast(kernel[t], rows.dtype),
                              self.strides, self.padding.upper())
             # oneDNN's convolution of an empty batch (a task with no rows)
             # returns the input's channels: restate the output shape.
             _, height, width, _ = self.compute_output_shape(tuple(rows.shape))
             if height is not None and width is not None:
                 y = tf.reshape(y, [-1, height, width, self.filters])
-            return y + tf.cast(self.bias[t], y.dtype) if self.use_bias else y
+            return y + tf.cast(bias[t], y.dtype) if self.use_bias else y
 
         return per_task(x, task_ids, self.num_tasks, conv)
 
@@ -197,6 +292,8 @@ class PerTaskBatchNormalization(PerTaskLayer):
     >>> y = PerTaskBatchNormalization(num_tasks=2)(x, task_ids)
     """
 
+    passed_weights = ("gamma", "beta")  # the moving statistics stay each task's own
+
     def __init__(self, num_tasks, momentum=0.99, epsilon=1e-3, **kwargs):
         super().__init__(num_tasks, **kwargs)
         self.momentum = float(momentum)
@@ -209,18 +306,20 @@ class PerTaskBatchNormalization(PerTaskLayer):
                                       ("moving_variance", "ones", False)]:
             setattr(self, name, self.add_weight(shape=shape, name=name, initializer=init,
                                                 trainable=trainable))
+        self._build_passing(x_shape[-1])
 
     def call(self, x, task_ids, training=None):
         x32 = tf.cast(x, tf.float32)
         update = bool(training and self.trainable)
+        scale = self.weight("gamma"), self.weight("beta")
         blocks = tiled_tasks(self.num_tasks)
         if blocks is not None:
-            y = self._tiled(x32, blocks, update)
+            y = self._tiled(x32, blocks, update, *scale)
         else:
-            y = self._routed(x32, tf.cast(task_ids, tf.int32), update)
+            y = self._routed(x32, tf.cast(task_ids, tf.int32), update, *scale)
         return tf.cast(y, self.compute_dtype)
 
-    def _routed(self, x, task_ids, update):
+    def _routed(self, x, task_ids, update, gamma, beta):
         """Rows of any tasks, in any order: statistics by segment sums."""
         if update:
             mean, variance, present = task_moments(x, task_ids, self.num_tasks)
@@ -229,10 +328,10 @@ class PerTaskBatchNormalization(PerTaskLayer):
             mean, variance = self.moving_mean, self.moving_variance
         spatial = len(x.shape) - 2
         y = normalize(x, task_ids, mean, variance, self.epsilon)
-        return y * broadcast_rows(tf.gather(self.gamma, task_ids), spatial) + broadcast_rows(
-            tf.gather(self.beta, task_ids), spatial)
+        return y * broadcast_rows(tf.gather(gamma, task_ids), spatial) + broadcast_rows(
+            tf.gather(beta, task_ids), spatial)
 
-    def _tiled(self, x, blocks, update):
+    def _tiled(self, x, blocks, update, gamma, beta):
         """Tiled rows (block k of task `blocks[k]`): each block normalised
         on its own, no gathers."""
         if update:
@@ -241,8 +340,8 @@ class PerTaskBatchNormalization(PerTaskLayer):
         else:
             parts = tf.split(x, len(blocks))
             moments = [(self.moving_mean[t], self.moving_variance[t]) for t in blocks]
-        return tf.concat([tf.nn.batch_normalization(p, mean, variance, self.beta[t],
-                                                    self.gamma[t], self.epsilon)
+        return tf.concat([tf.nn.batch_normalization(p, mean, variance, beta[t],
+                                                    gamma[t], self.epsilon)
                           for p, (mean, variance), t in zip(parts, moments, blocks)], axis=0)
 
     def _update_moving(self, mean, variance, present):

@@ -2,9 +2,10 @@
 
 from tf_mtl.methods.hps import hard_sharing
 from tf_mtl.methods.mpps import progressive_sharing
+from tf_mtl.methods.ppnet import parameter_passing
 from tf_mtl.methods.roaming import maximum_roaming
 from tf_mtl.methods.smtl import safe_sharing
 from tf_mtl.methods.stl import single_task, task_view
 
-__all__ = ["hard_sharing", "maximum_roaming", "progressive_sharing", "safe_sharing", "single_task",
-           "task_view"]
+__all__ = ["hard_sharing", "maximum_roaming", "parameter_passing", "progressive_sharing",
+           "safe_sharing", "single_task", "task_view"]

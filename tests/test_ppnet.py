@@ -1,0 +1,225 @@
+"""Parameter Passing Networks (papers/004): passing, set-back, the schedule."""
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_mtl import backbones, data, methods
+from tf_mtl.callbacks import ParameterPassing
+from tf_mtl.layers import PerTaskConv2D, PerTaskDense
+from tf_mtl.layers.passing import fixed_matrix, passed_layers, set_back, task_affinity
+from tf_mtl.tasks import classification
+
+SHAPE = (28, 28, 1)
+TASKS = [classification("task_0", 3), classification("task_1", 3)]
+LENET = functools.partial(backbones.lenet, 0.25)
+
+
+def _dense(num_tasks=None, passing=None):
+    return [keras.layers.Flatten(),
+            backbones.DenseUnit(16, num_tasks=num_tasks, passing=passing),
+            backbones.DenseUnit(8, num_tasks=num_tasks, passing=passing)]
+
+
+def _perturb(model, scale=0.05, seed=0):
+    rng = np.random.RandomState(seed)
+    for layer in passed_layers(model):
+        matrix = layer.passing_matrix
+        matrix.assign(matrix.numpy() + rng.normal(0, scale, matrix.shape).astype("float32"))
+
+
+def _images(n=4, seed=1):
+    return np.random.RandomState(seed).rand(n, *SHAPE).astype("float32")
+
+
+@pytest.mark.parametrize("passing", ["layer", "channel"])
+@pytest.mark.parametrize("variant", ["linear", "residual", "nonlinear"])
+def test_passing_nothing_is_self_learn_and_set_back_keeps_the_outputs(passing, variant):
+    ppnet = methods.parameter_passing(LENET, TASKS, SHAPE, passing=passing, variant=variant)
+    self_learn = methods.parameter_passing(LENET, TASKS, SHAPE, passing=None)
+    self_learn.set_weights([w.numpy() for w in ppnet.weights if "passing_matrix" not in w.path])
+    x = _images()
+    for training in (False, True):  # training: each task's batch statistics
+        ours, theirs = ppnet(x, training=training), self_learn(x, training=training)
+        for name in theirs:
+            np.testing.assert_array_equal(ours[name], theirs[name])
+    _perturb(ppnet)
+    before = ppnet(x)
+    assert not np.allclose(before["task_0"], self_learn(x)["task_0"])
+    set_back(ppnet)
+    assert all(layer.passes_nothing() for layer in passed_layers(ppnet))
+    for name, value in ppnet(x).items():
+        np.testing.assert_allclose(value, before[name], rtol=1e-5, atol=1e-6)
+
+
+def test_channel_passing_of_kron_identity_is_layer_passing():
+    # Column c * T + t: output channel c of task t.
+    layer_wise = PerTaskConv2D(3, 4, 3, passing="layer")
+    channel_wise = PerTaskConv2D(3, 4, 3, passing="channel")
+    x = tf.random.stateless_normal((6, 5, 5, 2), seed=(1, 2))
+    task_ids = tf.constant([0, 1, 2, 2, 1, 0])
+    layer_wise(x, task_ids)
+    channel_wise(x, task_ids)
+    channel_wise.set_weights(layer_wise.get_weights()[:2] + [channel_wise.get_weights()[2]])
+    mixing = np.random.RandomState(0).normal(0, 0.5, (3, 3)).astype("float32")
+    layer_wise.passing_matrix.assign(mixing)
+    channel_wise.passing_matrix.assign(np.kron(np.eye(4, dtype="float32"), mixing))
+    np.testing.assert_allclose(channel_wise(x, task_ids), layer_wise(x, task_ids),
+                               rtol=1e-5, atol=1e-5)
+    # w'_t = sum_s A[s, t] w_s, for one task by hand.
+    kernel = layer_wise.kernel.numpy()
+    expected = sum(mixing[s, 1] * kernel[s] for s in range(3))
+    np.testing.assert_allclose(layer_wise.weight("kernel")[1], expected, rtol=1e-5, atol=1e-6)
+    # Appendix I.2: the reduction of kron(I, A) is A (minus I, the change).
+    np.testing.assert_allclose(task_affinity(channel_wise.passing_matrix.numpy(), 3, "linear"),
+                               mixing - np.eye(3), atol=1e-6)
+
+
+def test_passing_gradient_is_w_transpose_times_the_passed_gradient():
+    # Eq. (12): dL/dA = W^T dL/dW' (W the d x T matrix of task columns);
+    # checked by central differences on a dense layer.
+    layer = PerTaskDense(2, 3, passing="layer")
+    x = tf.random.stateless_normal((4, 5), seed=(3, 4))
+    task_ids = tf.constant([0, 1, 1, 0])
+    layer(x, task_ids)
+    layer.passing_matrix.assign([[0.9, 0.2], [-0.1, 1.1]])
+    loss = lambda: tf.reduce_sum(tf.sin(layer(x, task_ids)))
+    with tf.GradientTape() as tape:
+        value = loss()
+    gradient = tape.gradient(value, layer.passing_matrix).numpy()
+    numeric = np.zeros((2, 2))
+    start = layer.passing_matrix.numpy()
+    for index in np.ndindex(2, 2):
+        step = np.zeros((2, 2), "float32")
+        step[index] = 1e-2
+        layer.passing_matrix.assign(start + step)
+        up = float(loss())
+        layer.passing_matrix.assign(start - step)
+        numeric[index] = (up - float(loss())) / 2e-2
+    layer.passing_matrix.assign(start)
+    np.testing.assert_allclose(gradient, numeric, rtol=1e-3, atol=1e-4)
+
+
+class _Steps(keras.callbacks.Callback):
+    """What each step changed: the network's trainable weights, the A."""
+
+    def __init__(self):
+        super().__init__()
+        self.changed = []
+
+    def _snapshot(self):
+        layers = passed_layers(self.model)
+        matrices = [l.passing_matrix.numpy() for l in layers]
+        network = [v.numpy() for v in self.model.weights if v.trainable
+                   and "passing_matrix" not in v.path]
+        return network, matrices
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._before = self._snapshot()
+
+    def on_train_batch_end(self, batch, logs=None):
+        after = self._snapshot()
+        self.changed.append(tuple(
+            any(not np.array_equal(a, b) for a, b in zip(before, now))
+            for before, now in zip(self._before, after)))
+
+
+def test_alternate_schedule_trains_w_then_only_a_and_sets_back():
+    ds = data.load("synthetic", batch_size=32, limit=128)  # 4 steps per epoch
+    model = methods.parameter_passing(LENET, TASKS, SHAPE, passing="channel")
+    model.compile(optimizer="adam")
+    steps = _Steps()
+    passing = ParameterPassing(period=3, unit="steps")
+    history = model.fit(ds.train, epochs=2, verbose=0, callbacks=[passing, steps]).history
+    # Steps 0-2 self-learning, 3-5 adjacent, 6-7 self again.
+    network, matrices = (True, False), (False, True)
+    assert steps.changed == [network] * 3 + [matrices] * 3 + [network] * 2
+    assert history["adjacent"] == [1.0, 0.0]
+    assert int(model.optimizer.iterations) == 5  # the network's Adam skips adjacent steps
+    # One set-back after the adjacent phase (with its affinity), one at the end.
+    assert len(passing.history) == 1
+    affinity = passing.history[0]["affinity"][passed_layers(model)[-1].name]
+    assert np.shape(affinity) == (2, 2) and np.any(np.asarray(affinity) != 0)
+    assert all(layer.passes_nothing() for layer in passed_layers(model))
+    assert all(v.trainable for v in model.weights if v.path.endswith(("kernel", "matrix")))
+
+
+@pytest.mark.parametrize("schedule", ["joint", "fixed"])
+def test_adj_only_trains_both_and_adj_fixed_only_w(schedule):
+    ds = data.load("synthetic", batch_size=32, limit=64)
+    model = methods.parameter_passing(_dense, TASKS, SHAPE, passing="layer")
+    model.compile(optimizer="adam")
+    steps = _Steps()
+    model.fit(ds.train, epochs=1, verbose=0,
+              callbacks=[ParameterPassing(schedule=schedule), steps])
+    assert steps.changed == [(True, schedule == "joint")] * 2
+    layer = passed_layers(model)[0]
+    if schedule == "fixed":  # half its own weights, half the tasks' mean
+        np.testing.assert_allclose(layer.passing_matrix.numpy(), [[0.75, 0.25], [0.25, 0.75]])
+        np.testing.assert_allclose(fixed_matrix(layer), layer.passing_matrix.numpy())
+    else:
+        assert layer.passes_nothing()
+
+
+def test_schedule_errors_name_the_argument():
+    with pytest.raises(ValueError, match="period"):
+        ParameterPassing(period=0)
+    with pytest.raises(ValueError, match="schedule"):
+        ParameterPassing(schedule="both")
+    with pytest.raises(ValueError, match="passing_variant"):
+        PerTaskDense(2, 3, passing="layer", passing_variant="quadratic")
+    model = methods.parameter_passing(_dense, TASKS, SHAPE, passing=None)
+    model.compile()
+    ds = data.load("synthetic", batch_size=32, limit=32)
+    with pytest.raises(ValueError, match="no passed layer"):
+        model.fit(ds.train, verbose=0, callbacks=[ParameterPassing()])
+
+
+def test_saves_and_reloads_its_passing_state(tmp_path):
+    model = methods.parameter_passing(LENET, TASKS, SHAPE, passing="channel",
+                                      variant="residual", conv_only=True)
+    _perturb(model)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert [l.passing for l in passed_layers(loaded)] == ["channel"] * 3  # no norm passed
+    x = _images()
+    for name, value in model(x).items():
+        np.testing.assert_array_equal(loaded(x)[name], value)
+
+
+def test_export_serves_the_passed_weights_without_passing_matrices(tmp_path):
+    from tf_mtl import export
+
+    model = methods.parameter_passing(LENET, TASKS, SHAPE, passing="layer")
+    _perturb(model)
+    saved, tflite = export.export(model, str(tmp_path))
+    loaded = tf.saved_model.load(saved)
+    assert not any("passing_matrix" in v.name for v in loaded.inference_variables)
+    x = _images(3)
+    served = tf.lite.Interpreter(model_path=tflite).get_signature_runner()(image=x)
+    for name, out in model(x).items():
+        np.testing.assert_allclose(served[name], out, rtol=1e-4, atol=1e-5)
+    assert not all(layer.passes_nothing() for layer in passed_layers(model))  # untouched
+
+
+def test_mirrored_strategy_equals_one_device(mirrored):
+    keras.utils.set_random_seed(3)
+    build = functools.partial(methods.parameter_passing, _dense, TASKS, SHAPE,
+                              passing="channel")
+    single = build()
+    with mirrored.scope():
+        distributed = build()
+        distributed.set_weights(single.get_weights())
+        distributed.compile(optimizer=keras.optimizers.SGD(0.1))
+    single.compile(optimizer=keras.optimizers.SGD(0.1))
+    ds = data.load("synthetic", batch_size=32, limit=96)
+    runs = [m.fit(ds.validation, epochs=2, verbose=0,
+                  callbacks=[ParameterPassing(period=2, unit="steps")]).history
+            for m in (single, distributed)]
+    np.testing.assert_allclose(runs[1]["loss"], runs[0]["loss"], rtol=1e-4)
+    for a, b in zip(single.weights, distributed.weights, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6,
+                                   err_msg=a.path)
