@@ -429,7 +429,8 @@ def test_real_fashion_mnist():
 
 @pytest.mark.real_data
 @skip_without_real_data
-@pytest.mark.parametrize("name", ["multifashion", "fashion_groups", "multifashion_texture"])
+@pytest.mark.parametrize("name", ["multifashion", "fashion_groups", "multifashion_texture",
+                                  "fashion_domains"])
 def test_real_load(name):
     result = data.load(name, batch_size=64, limit=100)
 
@@ -440,4 +441,29 @@ def test_real_load(name):
     if name != "multifashion_texture":  # its texture is not clipped
         assert 0.0 <= images.min() and images.max() <= 1.0
     assert images.max() > 0.5
-    assert result.jointly_labelled == (name != "fashion_groups")
+    assert result.jointly_labelled == (name not in ("fashion_groups", "fashion_domains"))
+
+
+# --- FashionDomains ----------------------------------------------------------
+
+
+def test_fashion_domains_transform_each_domain_and_keep_the_class():
+    from tf_mtl.data import fashion_domains
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(256, size=(200, 28, 28)).astype(np.uint8)
+    labels = rng.integers(10, size=200)
+    x, domains, y = fashion_domains.make_fashion_domains(images, labels, seed=3)
+    assert x.shape == (200, 28, 28, 1) and x.dtype == np.float32
+    np.testing.assert_array_equal(y, labels)
+    assert np.bincount(domains, minlength=4).min() > 20  # every domain has data
+    plain = images / 255.0
+    expected = {"upright": plain, "rotated": np.rot90(plain, axes=(1, 2)),
+                "inverted": 1.0 - plain, "flipped": plain[:, ::-1]}
+    for index, name in enumerate(fashion_domains.DOMAIN_NAMES):
+        rows = domains == index
+        np.testing.assert_allclose(x[rows, ..., 0], expected[name][rows], atol=1e-6)
+    again = fashion_domains.make_fashion_domains(images, labels, seed=3)
+    np.testing.assert_array_equal(again[1], domains)
+    with pytest.raises(ValueError, match="images"):
+        fashion_domains.make_fashion_domains(images[0], labels)

@@ -7,7 +7,8 @@ numbers of classes. The datasets come in two structures:
 * Jointly labelled (`"multifashion"`, `"multifashion_texture"`,
   `"synthetic"`): every example has a label for every task. Elements are
   `(image, {task_name: label})`.
-* Not jointly labelled (`"fashion_groups"`, `"synthetic_groups"`): every
+* Not jointly labelled (`"fashion_groups"`, `"fashion_domains"`,
+  `"synthetic_groups"`): every
   example belongs to one task. Elements are `(image, task_id, label)`, where
   `task_id` is the position of the task in `MultiTaskData.task_classes`.
 
@@ -28,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mtl.data import _utils
+from tf_mtl.data import fashion_domains
 from tf_mtl.data import fashion_groups
 from tf_mtl.data import fashion_mnist
 from tf_mtl.data import multifashion
@@ -82,10 +84,11 @@ def _fashion_splits(seed, data_dir, limit):
     return {name: _slice(arrays, 0, limit) for name, arrays in splits.items()}
 
 
-def _multifashion_builder(make):
+def _seeded_builder(make):
+    """Builds each Fashion-MNIST split with `make(images, labels, seed)`."""
     def build(seed, data_dir, limit):
         splits = _fashion_splits(seed, data_dir, limit)
-        # One draw per split, so that partners stay within their split.
+        # One draw per split, so that MultiFashion partners stay within their split.
         split_seeds = np.random.SeedSequence(seed).spawn(len(splits))
         return {
             name: make(images, labels, split_seed)
@@ -149,17 +152,22 @@ _SYNTHETIC_TASK_CLASSES = {
 
 _DATASETS = {
     "multifashion": _Dataset(
-        _multifashion_builder(multifashion.make_multifashion),
+        _seeded_builder(multifashion.make_multifashion),
         multifashion.TASK_NUM_CLASSES,
         True,
     ),
     "multifashion_texture": _Dataset(
-        _multifashion_builder(multifashion_texture.make_multifashion_texture),
+        _seeded_builder(multifashion_texture.make_multifashion_texture),
         multifashion_texture.TASK_NUM_CLASSES,
         True,
     ),
     "fashion_groups": _Dataset(
         _build_fashion_groups, fashion_groups.TASK_NUM_CLASSES, False
+    ),
+    "fashion_domains": _Dataset(
+        _seeded_builder(fashion_domains.make_fashion_domains),
+        fashion_domains.TASK_NUM_CLASSES,
+        False,
     ),
     "synthetic": _Dataset(
         _synthetic_builder(synthetic.make_synthetic),
@@ -189,6 +197,8 @@ def load(name, batch_size=128, seed=0, data_dir=None, limit=None):
             classes, not jointly labelled), `"multifashion_texture"`
             (MultiFashion plus a third, unrelated task: the frequency band
             of a noise texture added to each image, jointly labelled),
+            `"fashion_domains"` (one 10-class task in four domains, each a
+            transformation of the images: PPNet's distributed scenario),
             `"synthetic"` and
             `"synthetic_groups"` (tiny learnable datasets for tests, of
             each structure).
