@@ -223,3 +223,54 @@ def test_mirrored_strategy_equals_one_device(mirrored):
     for a, b in zip(single.weights, distributed.weights, strict=True):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6,
                                    err_msg=a.path)
+
+
+# --- the regularised baselines ----------------------------------------------
+
+
+def test_trace_regularizers_match_their_closed_forms():
+    from tf_mtl.regularizers import TaskTraceRegularizer
+
+    weight = np.random.RandomState(0).normal(size=(3, 4, 5)).astype("float32")  # T = 3
+    columns = weight.reshape(3, -1).T  # d x T
+    fixed = TaskTraceRegularizer(2.0, "fixed")(weight)
+    centred = columns - columns.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(fixed, 2.0 * (centred ** 2).sum(), rtol=1e-5)
+    # Also tr(W C W^T) with C = (I - 11^T / T)^2, as the paper writes it.
+    c = np.eye(3) - np.ones((3, 3)) / 3
+    np.testing.assert_allclose(fixed, 2.0 * np.trace(columns @ c @ c @ columns.T), rtol=1e-5)
+    dynamic = TaskTraceRegularizer(2.0, "dynamic")
+    nuclear = np.linalg.svd(columns, compute_uv=False).sum()
+    np.testing.assert_allclose(dynamic(weight), 2.0 * nuclear ** 2, rtol=1e-4)
+    # Omega held constant, the gradient is still that of the squared
+    # nuclear norm: 2 ||W||_* U V^T.
+    variable = tf.Variable(weight)
+    with tf.GradientTape() as tape:
+        value = dynamic(variable)
+    u, _, vt = np.linalg.svd(columns, full_matrices=False)
+    expected = (2.0 * 2 * nuclear * u @ vt).T.reshape(weight.shape)
+    np.testing.assert_allclose(tape.gradient(value, variable), expected, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="mode"):
+        TaskTraceRegularizer(1e-5, "static")
+
+
+def test_regularised_self_learn_adds_the_penalty_and_saves(tmp_path):
+    from tf_mtl.regularizers import TaskTraceRegularizer
+
+    model = methods.parameter_passing(
+        LENET, TASKS, SHAPE, passing=None,
+        kernel_regularizer=TaskTraceRegularizer(1e-2, "dynamic"))
+    assert len(model.losses) == 3  # the two convolutions and the dense layer
+    ds = data.load("synthetic", batch_size=32, limit=64)
+    batch = next(iter(ds.train))
+    model.compile(optimizer="adam")
+    penalty = float(tf.add_n(model.losses))
+    tasks_only = methods.parameter_passing(LENET, TASKS, SHAPE, passing=None)
+    tasks_only.set_weights(model.get_weights())
+    tasks_only.compile(optimizer="adam")
+    np.testing.assert_allclose(float(model._step(batch, training=False)),
+                               float(tasks_only._step(batch, training=False)) + penalty,
+                               rtol=1e-5)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(float(tf.add_n(loaded.losses)), penalty, rtol=1e-6)

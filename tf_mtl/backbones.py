@@ -60,22 +60,25 @@ class Block(keras.layers.Layer):
     site_channels = ()
     site_layers = ()  # the convolution or dense layer of each site
 
-    def __init__(self, num_tasks=None, passing=None, **kwargs):
+    def __init__(self, num_tasks=None, passing=None, kernel_regularizer=None, **kwargs):
         super().__init__(**kwargs)
-        if passing is not None and not num_tasks:
-            raise ValueError(f"Block {self.name!r}: passing needs per-task layers "
-                             f"(`num_tasks`). Received: passing={passing}")
+        if (passing is not None or kernel_regularizer is not None) and not num_tasks:
+            raise ValueError(f"Block {self.name!r}: passing and kernel regularizers are "
+                             "for per-task layers (`num_tasks`).")
         self.num_tasks = num_tasks
         self.passing = passing and check_spec(passing)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.conditioned = {}
 
     # Sublayers: plain, or per-task copies (passed ones with `passing`,
-    # `tf_mtl.layers.passing.passing_spec`).
+    # `tf_mtl.layers.passing.passing_spec`; convolution and dense kernels
+    # penalised by `kernel_regularizer`).
 
     def _conv(self, filters, kernel_size, strides=1, padding="same"):
         if self.num_tasks:
             return PerTaskConv2D(self.num_tasks, filters, kernel_size, strides=strides,
                                  padding=padding, use_bias=False,
+                                 kernel_regularizer=self.kernel_regularizer,
                                  **layer_passing(self.passing))
         return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding,
                                    use_bias=False)
@@ -89,7 +92,8 @@ class Block(keras.layers.Layer):
 
     def _dense(self, units):
         if self.num_tasks:
-            return PerTaskDense(self.num_tasks, units, **layer_passing(self.passing))
+            return PerTaskDense(self.num_tasks, units, kernel_regularizer=self.kernel_regularizer,
+                                **layer_passing(self.passing))
         return keras.layers.Dense(units)
 
     def condition(self, site, layer):
@@ -137,6 +141,7 @@ class Block(keras.layers.Layer):
             **super().get_config(),
             "num_tasks": self.num_tasks,
             "passing": self.passing,
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
             "conditioned": {site: keras.saving.serialize_keras_object(layer)
                             for site, layer in self.conditioned.items()},
         }
@@ -346,14 +351,15 @@ def _scaled(channels, width):
     return max(1, round(channels * width))
 
 
-def lenet(width=1.0, num_tasks=None, passing=None):
+def lenet(width=1.0, num_tasks=None, passing=None, kernel_regularizer=None):
     """LeNet-style CNN for 28x28 inputs (the MultiMNIST network of Sener &
     Koltun 2018 with batch normalisation): two 5x5 convolutions with 2x2
     max-pooling, then a dense layer. 3 sites; `width` scales every layer;
     `num_tasks` makes the per-task twin, `passing` (a `passing_spec`) its
-    passed version.
+    passed version, `kernel_regularizer` penalises its kernels.
     """
-    per_task = {"num_tasks": num_tasks, "passing": passing}
+    per_task = {"num_tasks": num_tasks, "passing": passing,
+                "kernel_regularizer": kernel_regularizer}
     return [
         ConvUnit(_scaled(20, width), 5, padding="valid", pool_size=2, **per_task),
         ConvUnit(_scaled(50, width), 5, padding="valid", pool_size=2, **per_task),
@@ -362,18 +368,21 @@ def lenet(width=1.0, num_tasks=None, passing=None):
     ]
 
 
-def resnet(width=1.0, blocks_per_stage=1, num_tasks=None, passing=None):
+def resnet(width=1.0, blocks_per_stage=1, num_tasks=None, passing=None,
+           kernel_regularizer=None):
     """A small ResNet: a 3x3 stem convolution, three stages of residual
     blocks (16, 32, 64 channels times `width`, the last two at stride 2) and
     global average pooling. With one block per stage it has 7 sites, the last
     6 being the block convolutions. `num_tasks` makes the per-task twin,
-    `passing` (a `passing_spec`) its passed version.
+    `passing` (a `passing_spec`) its passed version, `kernel_regularizer`
+    penalises its kernels.
     """
     if int(blocks_per_stage) < 1:
         raise ValueError(
             f"`blocks_per_stage` must be >= 1. Received: {blocks_per_stage}"
         )
-    per_task = {"num_tasks": num_tasks, "passing": passing}
+    per_task = {"num_tasks": num_tasks, "passing": passing,
+                "kernel_regularizer": kernel_regularizer}
     layers = [ConvUnit(_scaled(16, width), 3, **per_task)]
     for stage, channels in enumerate((16, 32, 64)):
         for block in range(blocks_per_stage):

@@ -265,6 +265,9 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             row_losses = tf.dynamic_stitch(rows, losses)
             row_weights = tf.gather(weights / global_counts, row_tasks)
             loss += scope.terms(row_losses, row_weights)
+        if self.losses:  # weight regularizers: one share per replica
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            loss += tf.add_n(self.losses) / replicas
         return loss
 
     def _track_loss(self, loss, x):

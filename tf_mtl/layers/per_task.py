@@ -153,17 +153,19 @@ class PerTaskDense(PerTaskLayer):
     passed_weights = ("kernel", "bias")
 
     def __init__(self, num_tasks, units, activation=None, use_bias=True,
-                 kernel_initializer="glorot_uniform", **kwargs):
+                 kernel_initializer="glorot_uniform", kernel_regularizer=None, **kwargs):
         super().__init__(num_tasks, **kwargs)
         self.units = int(units)
         self.activation = keras.activations.get(activation)
         self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
 
     def build(self, x_shape, task_ids_shape=None):
         self.kernel = self.add_weight(
             shape=(self.num_tasks, x_shape[-1], self.units), name="kernel",
-            initializer=_per_task_initializer(self.kernel_initializer))
+            initializer=_per_task_initializer(self.kernel_initializer),
+            regularizer=self.kernel_regularizer)
         self.bias = self.add_weight(shape=(self.num_tasks, self.units), name="bias",
                                     initializer="zeros") if self.use_bias else None
         self._build_passing(self.units)
@@ -184,7 +186,8 @@ class PerTaskDense(PerTaskLayer):
         return {**super().get_config(), "units": self.units,
                 "activation": keras.activations.serialize(self.activation),
                 "use_bias": self.use_bias,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer)}
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
@@ -204,7 +207,8 @@ class PerTaskConv2D(PerTaskLayer):
     passed_weights = ("kernel", "bias")
 
     def __init__(self, num_tasks, filters, kernel_size, strides=1, padding="valid",
-                 use_bias=True, kernel_initializer="glorot_uniform", **kwargs):
+                 use_bias=True, kernel_initializer="glorot_uniform", kernel_regularizer=None,
+                 **kwargs):
         super().__init__(num_tasks, **kwargs)
         self.filters = int(filters)
         self.kernel_size = _pair(kernel_size)
@@ -215,11 +219,13 @@ class PerTaskConv2D(PerTaskLayer):
         self.padding = padding
         self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
 
     def build(self, x_shape, task_ids_shape=None):
         self.kernel = self.add_weight(
             shape=(self.num_tasks, *self.kernel_size, x_shape[-1], self.filters),
-            name="kernel", initializer=_per_task_initializer(self.kernel_initializer))
+            name="kernel", initializer=_per_task_initializer(self.kernel_initializer),
+            regularizer=self.kernel_regularizer)
         self.bias = self.add_weight(shape=(self.num_tasks, self.filters), name="bias",
                                     initializer="zeros") if self.use_bias else None
         self._build_passing(self.filters)
@@ -254,7 +260,8 @@ class PerTaskConv2D(PerTaskLayer):
         return {**super().get_config(), "filters": self.filters,
                 "kernel_size": self.kernel_size, "strides": self.strides,
                 "padding": self.padding, "use_bias": self.use_bias,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer)}
 
 
 def _pair(value):
