@@ -31,11 +31,13 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", "mpps",
-                  ["hps", "stl", "mpps", "smtl", "lsmtl", "smtl_c", "lsmtl_c", "mr", "tr"],
-                  "Method to train.")
+                  ["hps", "stl", "mpps", "smtl", "lsmtl", "smtl_c", "lsmtl_c", "mr", "tr",
+                   "ppnet", "self_learn", "adj_only", "adj_fixed", "trace_fixed",
+                   "trace_dynamic"],
+                  "Method to train (PPNet's Share-W baseline is hps).")
 flags.DEFINE_enum("dataset", "multifashion",
-                  ["multifashion", "multifashion_texture", "fashion_groups", "synthetic",
-                   "synthetic_groups"],
+                  ["multifashion", "multifashion_texture", "fashion_groups",
+                   "fashion_domains", "synthetic", "synthetic_groups"],
                   "Data set (tf_mtl.data.load).")
 flags.DEFINE_enum("backbone", "lenet", ["lenet", "resnet"], "Shared backbone.")
 flags.DEFINE_float("width", 1.0, "Width multiplier of the backbone.", lower_bound=0.01)
@@ -69,17 +71,24 @@ flags.DEFINE_bool("deterministic", False,
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tf_mtl.methods import hps, mpps, roaming, smtl  # noqa: E402
+from tf_mtl.methods import hps, mpps, ppnet, roaming, smtl  # noqa: E402
 
 mpps.define_flags()
 smtl.define_flags()
 roaming.define_flags()
+ppnet.define_flags()
 METHODS = {
     "hps": hps.from_flags, "mpps": mpps.from_flags, "smtl": smtl.from_flags,
     "lsmtl": functools.partial(smtl.from_flags, lite=True),
     "smtl_c": functools.partial(smtl.from_flags, gates_after_decoders=True),
     "lsmtl_c": functools.partial(smtl.from_flags, lite=True, gates_after_decoders=True),
     "mr": roaming.from_flags, "tr": functools.partial(roaming.from_flags, roaming=False),
+    "ppnet": ppnet.from_flags,
+    "adj_only": functools.partial(ppnet.from_flags, schedule="joint"),
+    "adj_fixed": functools.partial(ppnet.from_flags, schedule="fixed"),
+    "self_learn": functools.partial(ppnet.from_flags, schedule=None),
+    "trace_fixed": functools.partial(ppnet.from_flags, schedule=None, trace="fixed"),
+    "trace_dynamic": functools.partial(ppnet.from_flags, schedule=None, trace="dynamic"),
 }
 
 
@@ -284,7 +293,8 @@ def _print_table(tasks, results):
 def main(argv):
     del argv
     from tf_mtl import backbones, data as datasets, export, plots
-    from tf_mtl.callbacks import ExclusiveCapacityScheduler, GateHistory, MaximumRoaming
+    from tf_mtl.callbacks import (
+        ExclusiveCapacityScheduler, GateHistory, MaximumRoaming, ParameterPassing)
     from tf_mtl.tasks import classification
 
     start = time.time()
@@ -338,6 +348,10 @@ def main(argv):
                 extra["roaming"] = callback.history
                 plots.plot_roaming(callback.history,
                                    os.path.join(FLAGS.output_dir, "roaming.png"))
+            if isinstance(callback, ParameterPassing) and callback.history:
+                extra["passing"] = callback.history
+                plots.plot_affinity(callback.history, [t.name for t in tasks],
+                                    os.path.join(FLAGS.output_dir, "affinity.png"))
 
     if reference is not None:
         results["vs_reference"] = _compare(tasks, results, reference)

@@ -1,6 +1,6 @@
 """Train-step time and peak memory of MPPS against hard sharing, of
 per-task weights against separate models, of Safe MTL's bi-level step and of
-Maximum Roaming, one process.
+Maximum Roaming and of PPNet's phases, one process.
 
     .venv/bin/python benchmarks/speed.py > benchmarks/speed.md   # every table
     .venv/bin/python benchmarks/speed.py per_task                 # one of them
@@ -43,10 +43,12 @@ from tf_mtl.layers import objective_scope  # noqa: E402
 from tf_mtl.methods import (  # noqa: E402
     hard_sharing,
     maximum_roaming,
+    parameter_passing,
     progressive_sharing,
     safe_sharing,
     single_task,
 )
+from tf_mtl.layers.passing import passed_layers  # noqa: E402
 from tf_mtl.model import MultiTaskModel  # noqa: E402
 from tf_mtl.tasks import classification  # noqa: E402
 
@@ -211,6 +213,25 @@ def measure_roaming(backbone, num_tasks, blocks=7, steps=10):
     return flop_bound(mr("tiled"), hps()), _step_times(runs, blocks, steps)
 
 
+def measure_passing(backbone, num_tasks, passing, blocks=7, steps=10):
+    """PPNet's step in each phase against Self-Learn's (the same per-task
+    copies, no passing): self-learning computes W' = W A (A = I) and trains
+    W; adjacent learning trains only A, so no weight gradient."""
+    tasks = [classification(f"task_{t}", 3) for t in range(num_tasks)]
+
+    def phase(adjacent):
+        model = parameter_passing(backbone, tasks, SHAPE, passing=passing)
+        matrices = {id(layer.passing_matrix) for layer in passed_layers(model)}
+        for variable in model.trainable_variables:  # what ParameterPassing freezes
+            variable.trainable = (id(variable) in matrices) == adjacent
+        return _trainer(model, num_tasks, True)
+
+    runs = {"self_learn": _trainer(parameter_passing(backbone, tasks, SHAPE, passing=None),
+                                   num_tasks, True),
+            "self": phase(False), "adjacent": phase(True)}
+    return _step_times(runs, blocks, steps)
+
+
 def main(sections):
     keras.utils.set_random_seed(0)
     if "mpps" in sections:
@@ -221,6 +242,8 @@ def main(sections):
         bilevel_table()
     if "roaming" in sections:
         roaming_table()
+    if "passing" in sections:
+        passing_table()
 
 
 def mpps_table():
@@ -294,5 +317,21 @@ def roaming_table():
               + " | ".join(cells) + " |", flush=True)
 
 
+def passing_table():
+    print("\nParameter Passing Networks: the train step of each phase over "
+          "Self-Learn's (the same per-task copies without passing).\n")
+    print("| backbone | T | Self-Learn ms/step | layer passing: self / adjacent "
+          "| channel passing: self / adjacent |")
+    print("|---|---|---|---|---|")
+    for name, backbone, num_tasks in PER_TASK_SETTINGS:
+        cells = []
+        for passing in ("layer", "channel"):
+            step = measure_passing(backbone, num_tasks, passing)
+            cells.append(f"{step['self'] / step['self_learn']:.2f} / "
+                         f"{step['adjacent'] / step['self_learn']:.2f}")
+        print(f"| {name} | {num_tasks} | {1e3 * step['self_learn']:.1f} | "
+              + " | ".join(cells) + " |", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["mpps", "per_task", "bilevel", "roaming"])
+    main(sys.argv[1:] or ["mpps", "per_task", "bilevel", "roaming", "passing"])

@@ -184,6 +184,23 @@ def test_roaming_logs_update_ratio_and_overlap(tmp_path, method, updates):
     assert_export(out / "export")
 
 
+def test_ppnet_alternates_and_draws_the_task_affinity(tmp_path):
+    out = run_train(tmp_path, "--method=ppnet", "--dataset=synthetic_groups", "--epochs=2",
+                    "--ppnet_period=1", "--ppnet_passing=channel")
+    saved = read_json(out / "history.json")
+    assert saved["history"]["adjacent"] == [0.0, 1.0]
+    assert [r["epoch"] for r in saved["passing"]] == [1]  # set back at the end
+    assert os.path.getsize(out / "affinity.png") > 0
+    assert_task_accuracies(read_json(out / "results.json"))
+    assert_export(out / "export")
+
+
+@pytest.mark.parametrize("method", ["self_learn", "adj_fixed", "trace_dynamic"])
+def test_ppnet_baselines_train(tmp_path, method):
+    out = run_train(tmp_path, f"--method={method}", "--dataset=synthetic")
+    assert_task_accuracies(read_json(out / "results.json"))
+
+
 @pytest.mark.parametrize("method", [
     ["--method=hps"],
     ["--method=mpps", "--mpps_frozen_start=0", "--mpps_frozen_end=0"],

@@ -116,3 +116,33 @@ def plot_roaming(records, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_affinity(records, task_names, path, max_panels=6):
+    """PPNet's task affinity (appendix I.2) of the last passed layer: after
+    the tau-th adjacent phase, the mean over phases 1..tau of what they
+    changed in the reduced passing matrix, `(1 / tau) sum (A'(tau) - I)`;
+    column t is what every task passes to task t. One heat map per phase
+    (at most `max_panels`, evenly spaced).
+
+    `records` is `ParameterPassing.history`.
+    """
+    layer = list(records[0]["affinity"])[-1]
+    changes = np.array([r["affinity"][layer] for r in records])
+    means = np.cumsum(changes, axis=0) / np.arange(1, len(changes) + 1)[:, None, None]
+    shown = np.unique(np.linspace(0, len(records) - 1, min(max_panels, len(records))).round()
+                      .astype(int))
+    bound = max(np.abs(means[shown]).max(), 1e-12)
+    fig, axes = plt.subplots(1, len(shown), figsize=(2.6 * len(shown) + 1, 2.8),
+                             squeeze=False)
+    for ax, index in zip(axes[0], shown):
+        image = ax.imshow(means[index], cmap="RdBu_r", vmin=-bound, vmax=bound)
+        ax.set_title(f"phase {index + 1} (epoch {records[index]['epoch'] + 1})", fontsize=8)
+        ticks = range(len(task_names))
+        ax.set_xticks(ticks, task_names, rotation=90, fontsize=7)
+        ax.set_yticks(ticks, task_names, fontsize=7)
+    axes[0][0].set_ylabel("passes from")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(f"Task affinity of {layer} (to: columns)", fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
