@@ -234,13 +234,14 @@ class PerTaskConv2D(PerTaskLayer):
         kernel, bias = self.weight("kernel"), self.weight("bias")
 
         def conv(t, rows):
+            # oneDNN's convolution of an empty batch (a task absent from a
+            # batch) returns the input's shape, and graph optimisations drop
+            # a reshape that would restate it: one zero row more, sliced off.
+            count = tf.shape(rows)[0]
+            zero = tf.zeros(tf.concat([[1], tf.shape(rows)[1:]], axis=0), rows.dtype)
+            rows = tf.concat([rows, zero], axis=0)
             y = tf.nn.conv2d(rows, tf.cast(kernel[t], rows.dtype),
-                             self.strides, self.padding.upper())
-            # oneDNN's convolution of an empty batch (a task with no rows)
-            # returns the input's channels: restate the output shape.
-            _, height, width, _ = self.compute_output_shape(tuple(rows.shape))
-            if height is not None and width is not None:
-                y = tf.reshape(y, [-1, height, width, self.filters])
+                             self.strides, self.padding.upper())[:count]
             return y + tf.cast(bias[t], y.dtype) if self.use_bias else y
 
         return per_task(x, task_ids, self.num_tasks, conv)
