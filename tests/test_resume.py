@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from tf_mtl import backbones, data, methods
 from tf_mtl.callbacks import ExclusiveCapacityScheduler, MaximumRoaming, ParameterPassing
+from tf_mtl.layers.passing import passed_layers
 from tf_mtl.tasks import classification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,6 +167,8 @@ def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(metho
         return
     if method == "ppnet":  # the phase resumed in was trained: its affinity is recorded
         assert [h["epoch"] for h in callbacks[0].history] == [1, 2]
+        for a, b in zip(passed_layers(reference), passed_layers(resumed), strict=True):
+            assert int(a._passing_optimizer.iterations) == int(b._passing_optimizer.iterations)
         return
     random_layer = next(l for l in resumed.conditioned_layers if hasattr(l, "draws"))
     assert int(random_layer.draws.numpy()) == 3 * 8  # every step's draw, once

@@ -327,7 +327,8 @@ class ParameterPassing(keras.callbacks.Callback):
 
     The phase is a function of the epoch and the step in it, so a run
     resumed at an epoch's start is in the phase an uninterrupted run would
-    be. Entering self-learning always sets back (a no-op when A already
+    be (with `steps_per_execution` > 1, a phase starts with the first
+    execution that begins at or after its boundary). Entering self-learning always sets back (a no-op when A already
     passes nothing), so a run resumed after an adjacent phase still is.
     The network optimizer's moments are kept across phases and set-backs,
     as in the reference code (which writes the passed weights into the
@@ -336,9 +337,10 @@ class ParameterPassing(keras.callbacks.Callback):
     would restart Adam's bias correction every 2 periods.
 
     Logs gain `adjacent` (1 in adjacent learning). `history` holds, per
-    adjacent phase, the task affinity of every passed layer (appendix
-    I.2, `tf_mtl.layers.passing.task_affinity`) taken before its set-back,
-    for `tf_mtl.plots.plot_affinity`.
+    adjacent phase, the epoch of its last step and the task affinity of
+    every passed layer (appendix I.2, `tf_mtl.layers.passing.
+    task_affinity`) taken before its set-back, for `tf_mtl.plots.
+    plot_affinity`.
 
     Args:
         period: N, the length of each phase (10 epochs in the paper).
@@ -377,7 +379,7 @@ class ParameterPassing(keras.callbacks.Callback):
         # Every weight created trainable, whatever a phase left it at.
         self._network = [v for layer in self.model._flatten_layers(include_self=True)
                          for v in layer._trainable_variables if id(v) not in matrices]
-        self._phase = None
+        self._phase = self._trained_epoch = None
         if self.schedule == "fixed":
             for layer in self._layers:
                 if layer.passes_nothing():
@@ -411,11 +413,17 @@ class ParameterPassing(keras.callbacks.Callback):
         self._freeze(passing=phase == "self")
         self._phase = phase
 
+    def on_train_batch_end(self, batch, logs=None):
+        self._trained_epoch = self._epoch
+
     def _set_back(self):
         from tf_mtl.layers.passing import task_affinity
 
         if not all(layer.passes_nothing() for layer in self._layers):
-            self.history.append({"epoch": self._epoch, "affinity": {
+            # The epoch of the phase's last step (before a resume: the last
+            # epoch the checkpoint holds).
+            epoch = self._epoch - 1 if self._trained_epoch is None else self._trained_epoch
+            self.history.append({"epoch": epoch, "affinity": {
                 layer.name: task_affinity(layer.passing_matrix.numpy(), layer.num_tasks,
                                           layer.passing_variant).tolist()
                 for layer in self._layers}})
