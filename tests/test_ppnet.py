@@ -18,10 +18,9 @@ TASKS = [classification("task_0", 3), classification("task_1", 3)]
 LENET = functools.partial(backbones.lenet, 0.25)
 
 
-def _dense(num_tasks=None, passing=None):
-    return [keras.layers.Flatten(),
-            backbones.DenseUnit(16, num_tasks=num_tasks, passing=passing),
-            backbones.DenseUnit(8, num_tasks=num_tasks, passing=passing)]
+def _dense(num_tasks=None, **per_task):
+    return [keras.layers.Flatten(), backbones.DenseUnit(16, num_tasks=num_tasks, **per_task),
+            backbones.DenseUnit(8, num_tasks=num_tasks, **per_task)]
 
 
 def _perturb(model, scale=0.05, seed=0):
@@ -274,3 +273,21 @@ def test_regularised_self_learn_adds_the_penalty_and_saves(tmp_path):
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(float(tf.add_n(loaded.losses)), penalty, rtol=1e-6)
+
+
+def test_regulariser_counts_once_with_sequential_routing():
+    from tf_mtl.regularizers import TaskTraceRegularizer
+
+    ds = data.load("synthetic", batch_size=32, limit=64)
+    models = [methods.parameter_passing(
+        _dense, TASKS, SHAPE, passing=None, routing=routing,
+        kernel_regularizer=TaskTraceRegularizer(1.0, "fixed")) for routing in ("tiled",
+                                                                             "sequential")]
+    models[1].set_weights(models[0].get_weights())
+    histories = []
+    for model in models:
+        model.compile(optimizer=keras.optimizers.SGD(0.05))
+        histories.append(model.fit(ds.train, epochs=1, verbose=0).history)
+    np.testing.assert_allclose(histories[1]["loss"], histories[0]["loss"], rtol=1e-5)
+    for a, b in zip(models[0].weights, models[1].weights, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)

@@ -4,11 +4,12 @@ Keras 3 on TensorFlow. The names most users need:
 
 - `Task` / `tasks.classification`: what each task predicts;
 - `methods.hard_sharing`, `methods.progressive_sharing` (MPPS), ...: models;
-- `callbacks.ExclusiveCapacityScheduler`: the MPPS curriculum;
+- `callbacks.ExclusiveCapacityScheduler`, `MaximumRoaming`, `ParameterPassing`:
+  the schedules of MPPS, Maximum Roaming and PPNet;
 - `Model`: a `keras.Model` in which `tf_mtl.layers` train in full.
 """
 
-from tf_mtl import backbones, callbacks, layers, methods, metrics, tasks
+from tf_mtl import backbones, callbacks, layers, methods, metrics, regularizers, tasks
 from tf_mtl.model import MultiTaskModel
 from tf_mtl.tasks import Metric, Task
 from tf_mtl.training import ConditionedTraining, Model
@@ -16,6 +17,6 @@ from tf_mtl.training import ConditionedTraining, Model
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConditionedTraining", "Model", "MultiTaskModel", "Task", "Metric", "backbones", "callbacks", "layers",
-    "methods", "metrics", "tasks",
+    "ConditionedTraining", "Model", "MultiTaskModel", "Task", "Metric", "backbones", "callbacks",
+    "layers", "methods", "metrics", "regularizers", "tasks",
 ]

@@ -244,12 +244,13 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             metric.update_state(y_true, y_pred)
         return tf.cast(task.loss(y_true, y_pred), tf.float32)
 
-    def _objective(self, losses, rows, row_tasks, scope):
+    def _objective(self, losses, rows, row_tasks, scope, regularized=True):
         """This replica's share of the objective.
 
         `losses[t]` holds the per-row losses of task t, `rows[t]` their rows
         (None when every row serves every task); `scope` the conditioned
-        layers' records of the forward pass. Updates the per-task loss
+        layers' records of the forward pass; `regularized`: whether to add
+        the weight regularizers (once per step). Updates the per-task loss
         metrics.
         """
         counts = tf.stack([tf.cast(tf.size(l), tf.float32) for l in losses])
@@ -265,7 +266,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             row_losses = tf.dynamic_stitch(rows, losses)
             row_weights = tf.gather(weights / global_counts, row_tasks)
             loss += scope.terms(row_losses, row_weights)
-        if self.losses:  # weight regularizers: one share per replica
+        if regularized and self.losses:  # weight regularizers: one share per replica
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             loss += tf.add_n(self.losses) / replicas
         return loss
@@ -336,7 +337,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                 losses[t] = self._task_loss(task, labels[task.name], pred)
                 rows = [no_rows] * self.num_tasks
                 rows[t] = tf.range(batch)
-                loss = self._objective(losses, rows, row_tasks, scope)
+                loss = self._objective(losses, rows, row_tasks, scope, regularized=t == 0)
                 scaled = self.optimizer.scale_loss(loss)
             grads = tape.gradient(scaled, [inputs] + rest)
             shared_grad += grads[0]
