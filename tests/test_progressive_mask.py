@@ -97,6 +97,24 @@ def test_target_update_three_tasks_normalised_reading():
     assert clipped.min() >= 0.01 and np.isfinite(clipped).all()
 
 
+def test_target_update_reaches_every_capacity_where_clipping_binds():
+    # C_i / C alone misses C_i where Pi clips (here by up to 0.1): every
+    # channel's factor is found so that EC(Pi) = C_i exactly.
+    rng = np.random.default_rng(0)
+    phi = np.clip(rng.uniform(0, 1, (3, 300)), 0.01, 0.99).astype("float32")
+    worst_closed_form = 0.0
+    for capacity in (0.01, 0.05, 0.3, 0.7, 0.95, 0.99):
+        pi = rescale_capacity(phi, capacity, 0.01).numpy()
+        assert pi.min() >= 0.01 - 1e-7 and pi.max() <= 0.99 + 1e-7
+        np.testing.assert_allclose(exclusive_capacity(pi), capacity, atol=1e-5)
+        closed = np.clip(1 - capacity / exclusive_capacity(phi).numpy() * (1 - phi), 0.01, 0.99)
+        worst_closed_form = max(worst_closed_form,
+                                np.abs(exclusive_capacity(closed).numpy() - capacity).max())
+        inside = ((closed > 0.01) & (closed < 0.99)).all(axis=0)  # nothing clipped
+        np.testing.assert_allclose(pi[:, inside], closed[:, inside], rtol=1e-5, atol=1e-6)
+    assert worst_closed_form > 0.05
+
+
 def test_inference_is_identity_and_traces_no_random_op():
     layer = _mask(PHI)
     x = tf.random.normal((4, 3))
