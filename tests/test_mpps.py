@@ -103,6 +103,23 @@ def test_fixed_schedule_has_its_target_from_the_first_step():
     np.testing.assert_allclose(history.history["ec_target"], [0.01] * 3, atol=1e-4)
 
 
+@pytest.mark.parametrize("routing", ["tiled", "sequential"])
+def test_kl_is_logged_apart_from_the_task_losses(routing):
+    # Training `loss` holds beta * KL, evaluation (masks off) does not
+    # (`val_kl` is 0): `loss - kl` is the task losses' sum, like `val_loss`.
+    model = _mpps(routing=routing)
+    data = _joint_data()
+    history = model.fit(data, validation_data=data, epochs=2, verbose=0,
+                        callbacks=[ExclusiveCapacityScheduler(2, "linear")]).history
+    assert all(kl > 0 for kl in history["kl"]) and history["val_kl"] == [0.0, 0.0]
+    tasks = np.add(history["task_0_loss"], history["task_1_loss"])
+    np.testing.assert_allclose(np.subtract(history["loss"], history["kl"]), tasks, rtol=1e-4)
+    np.testing.assert_allclose(history["val_loss"], np.add(history["val_task_0_loss"],
+                                                           history["val_task_1_loss"]),
+                               rtol=1e-5)
+    assert "kl" not in hard_sharing(backbones.lenet(0.25), TASKS, (28, 28, 1)).metrics_names
+
+
 def test_fit_moves_ec_towards_sharing():
     model = _mpps(baseline_decay=0.9)
     history = model.fit(_joint_data(), epochs=3, verbose=0,

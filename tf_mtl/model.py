@@ -120,6 +120,12 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         if task_frequencies is not None:
             self.set_task_frequencies(task_frequencies)
         self._loss_tracker = keras.metrics.Mean(name="loss")
+        # Terms the conditioned layers add to the training objective (MPPS:
+        # `kl`), logged apart: evaluation runs without them.
+        layers = [l for block in self.backbone
+                  for l in block._flatten_layers(include_self=True, recursive=True)]
+        self._term_trackers = {name: keras.metrics.Mean(name=name) for name in sorted(
+            {getattr(l, "objective_name", None) for l in layers} - {None})}
         self._task_metrics = {
             task.name: [keras.metrics.Mean(name=f"{task.name}_loss")]
             + [m.build(f"{task.name}_{m.name}") for m in task.metrics]
@@ -156,7 +162,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
 
     @property
     def metrics(self):
-        return [self._loss_tracker] + [
+        return [self._loss_tracker, *self._term_trackers.values()] + [
             m for metrics in self._task_metrics.values() for m in metrics
         ]
 
@@ -271,15 +277,16 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             loss += tf.add_n(self.losses) / replicas
         return loss
 
-    def _track_loss(self, loss, x):
+    def _track_loss(self, loss, x, named=None):
         # `loss` is this replica's share of the objective: scaled by the
         # number of replicas and weighted alike on each, their mean is the
-        # objective, whatever share of the batch each replica holds.
+        # objective, whatever share of the batch each replica holds. So are
+        # the layers' `named` terms.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         global_batch = all_replicas_sum(tf.cast(tf.shape(x)[0], tf.float32))
-        self._loss_tracker.update_state(
-            loss * replicas, sample_weight=global_batch / replicas
-        )
+        for tracker, value in [(self._loss_tracker, loss)] + [
+                (self._term_trackers[n], v) for n, v in (named or {}).items()]:
+            tracker.update_state(value * replicas, sample_weight=global_batch / replicas)
 
     def _step(self, data, training):
         """Loss of one batch in one pass (this replica's share)."""
@@ -289,7 +296,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         preds, rows = self._heads(features, row_tasks, training, tiled=task_ids is None)
         losses = [self._task_loss(t, labels[t.name], preds[t.name]) for t in self.tasks]
         loss = self._objective(losses, rows, row_tasks, scope)
-        self._track_loss(loss, x)
+        self._track_loss(loss, x, scope.named)
         return loss
 
     def _logs(self):
@@ -321,7 +328,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         accumulated = [tf.zeros_like(v) for v in rest]
         batch = tf.shape(shared)[0]
         no_rows = tf.zeros([0], tf.int32)
-        total = 0.0
+        total, named = 0.0, {}
         for t, task in enumerate(self.tasks):
             # Task t starts once task t - 1 is done: its activations can go.
             with tf.control_dependencies([shared_grad] + accumulated):
@@ -344,7 +351,9 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             accumulated = [a if g is None else a + tf.convert_to_tensor(g)
                            for a, g in zip(accumulated, grads[1:])]
             total += loss
-        self._track_loss(total, x)
+            for name, value in scope.named.items():
+                named[name] = named.get(name, 0.0) + value
+        self._track_loss(total, x, named)
         stem_vars = [v for v in variables if id(v) in stem_ids]
         stem_grads = stem_tape.gradient(shared, stem_vars, output_gradients=shared_grad)
         by_id = dict(zip(map(id, rest), accumulated))

@@ -46,9 +46,11 @@ class ObjectiveScope:
 
     def __init__(self):
         self.records = []
+        self.named = {}
 
     def terms(self, row_losses, row_weights):
-        """The conditioned layers' terms of the objective, a scalar.
+        """The conditioned layers' terms of the objective, a scalar; their
+        sums by `TaskConditioned.objective_name` go to `named`, for logs.
 
         Args:
             row_losses: the loss of each row the layers saw, `(N,)`.
@@ -57,7 +59,10 @@ class ObjectiveScope:
         """
         total = tf.constant(0.0)
         for layer, state in self.records:
-            total += layer.objective_terms(state, row_losses, row_weights)
+            value = layer.objective_terms(state, row_losses, row_weights)
+            if layer.objective_name:
+                self.named[layer.objective_name] = self.named.get(layer.objective_name, 0.0) + value
+            total += value
         return total
 
 
@@ -123,6 +128,9 @@ class TaskConditioned(keras.layers.Layer):
     - `dedicated_optimizer()`: variables the layer trains with an optimizer
       of its own, e.g. MPPS mask probabilities by plain SGD.
     """
+
+    # What a model logs the layer's objective terms as (None: not logged).
+    objective_name = None
 
     def routes_tasks(self, training):
         return True

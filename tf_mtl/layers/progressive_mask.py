@@ -283,6 +283,8 @@ class ProgressiveMask(TaskConditioned):
         mask = tf.reshape(mask, [-1] + [1] * (len(x.shape) - 2) + [channels])
         return x * tf.cast(mask, x.dtype)
 
+    objective_name = "kl"  # its terms' value is eq. (3)'s beta * KL (the surrogate is 0)
+
     def dedicated_optimizer(self):
         if self._mask_optimizer is None:
             return None
