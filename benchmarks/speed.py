@@ -216,7 +216,7 @@ def measure_roaming(backbone, num_tasks, blocks=7, steps=10):
 def measure_passing(backbone, num_tasks, passing, blocks=7, steps=10):
     """PPNet's step in each phase against Self-Learn's (the same per-task
     copies, no passing): self-learning computes W' = W A (A = I) and trains
-    W; adjacent learning trains only A, so no weight gradient."""
+    W; adjacent learning trains only A, which still needs dL/dW'."""
     tasks = [classification(f"task_{t}", 3) for t in range(num_tasks)]
 
     def phase(adjacent):
