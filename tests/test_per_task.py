@@ -214,3 +214,19 @@ def test_is_per_task_tells_a_twin_from_shared_layers():
     assert not backbones.is_per_task(backbones.lenet(0.25))
     assert not backbones.is_per_task([PerTaskDense(2, 4), keras.layers.Dense(3)])
     assert not backbones.is_per_task([keras.layers.Flatten()])
+
+
+@pytest.mark.parametrize("size", [28, 7])
+def test_subsampled_shortcut_equals_a_strided_1x1_convolution(size):
+    # The ResNet shortcut subsamples, then convolves (oneDNN corrupts its
+    # heap in a strided 1x1 convolution's filter gradient at odd batches).
+    from tf_mtl import backbones
+
+    unit = backbones.ResidualUnit(8, strides=2)
+    x = tf.random.stateless_normal((4, size, size, 4), seed=(5, 6))
+    unit(x)
+    subsample, conv, _ = unit.shortcut
+    strided = keras.layers.Conv2D(8, 1, strides=2, padding="same", use_bias=False)
+    strided.build(x.shape)
+    strided.set_weights(conv.get_weights())
+    np.testing.assert_allclose(conv(subsample(x)), strided(x), rtol=1e-6, atol=1e-6)

@@ -256,7 +256,12 @@ class ResidualUnit(Block):
 
     def build(self, input_shape):
         if self.strides != 1 or input_shape[-1] != self.filters:
-            self.shortcut = [self._conv(self.filters, 1, self.strides), self._norm()]
+            # A strided 1x1 convolution is a subsampling, then a 1x1 one: the
+            # same values, and oneDNN (TF 2.21, AVX-512 CPUs) corrupts its
+            # heap in the strided one's filter gradient at some odd batch
+            # sizes (4 -> 8 channels, batch 1, 3, 7, 9).
+            self.shortcut = [keras.layers.MaxPooling2D(1, self.strides),
+                             self._conv(self.filters, 1), self._norm()]
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters,
@@ -266,8 +271,9 @@ class ResidualUnit(Block):
         x, task_ids = self._enter(x, task_ids, route)
         skip = x
         if self.shortcut is not None:
-            conv, norm = self.shortcut
-            skip = norm(_apply(conv, x, task_ids, training), task_ids, training=training)
+            subsample, conv, norm = self.shortcut
+            skip = _apply(conv, subsample(x), task_ids, training)
+            skip = norm(skip, task_ids, training=training)
         h = self.norm1(_apply(self.conv1, x, task_ids, training), task_ids,
                        training=training)
         h, ids = self._site(0, h, task_ids, training, route)

@@ -43,7 +43,15 @@ def per_task(x, task_ids, num_tasks, apply):
     task_ids = tf.cast(task_ids, tf.int32)
     parts = tf.dynamic_partition(x, task_ids, num_tasks)
     rows = tf.dynamic_partition(tf.range(tf.shape(x)[0]), task_ids, num_tasks)
-    return tf.dynamic_stitch(rows, [apply(t, part) for t, part in enumerate(parts)])
+    return tf.dynamic_stitch(rows, [_never_empty(apply, t, part) for t, part in enumerate(parts)])
+
+
+def _never_empty(apply, task, rows):
+    """`apply(task, rows)` on one zero row more, sliced off: a task may have
+    no row in a batch, and oneDNN's convolution of an empty batch returns
+    the input's shape (graph optimisations drop a reshape restating it)."""
+    zero = tf.zeros(tf.concat([[1], tf.shape(rows)[1:]], axis=0), rows.dtype)
+    return apply(task, tf.concat([rows, zero], axis=0))[:tf.shape(rows)[0]]
 
 
 class PerTaskLayer(TaskConditioned):
@@ -234,14 +242,8 @@ class PerTaskConv2D(PerTaskLayer):
         kernel, bias = self.weight("kernel"), self.weight("bias")
 
         def conv(t, rows):
-            # oneDNN's convolution of an empty batch (a task absent from a
-            # batch) returns the input's shape, and graph optimisations drop
-            # a reshape that would restate it: one zero row more, sliced off.
-            count = tf.shape(rows)[0]
-            zero = tf.zeros(tf.concat([[1], tf.shape(rows)[1:]], axis=0), rows.dtype)
-            rows = tf.concat([rows, zero], axis=0)
             y = tf.nn.conv2d(rows, tf.cast(kernel[t], rows.dtype),
-                             self.strides, self.padding.upper())[:count]
+                             self.strides, self.padding.upper())
             return y + tf.cast(bias[t], y.dtype) if self.use_bias else y
 
         return per_task(x, task_ids, self.num_tasks, conv)
