@@ -46,14 +46,17 @@ def test_exclusive_init_splits_channels_into_owned_parts():
     np.testing.assert_array_equal(layer.mask_probs.numpy(), layer.target_probs.numpy())
 
 
-@pytest.mark.parametrize("distribution", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("distribution", ["bernoulli", "gaussian", "gaussian_matched"])
 def test_kl_matches_tfp(distribution):
     ours = kl_divergence(distribution, PHI, PI).numpy()
     if distribution == "bernoulli":
         q, p = tfd.Bernoulli(probs=PHI), tfd.Bernoulli(probs=PI)
-    else:
+    elif distribution == "gaussian":
         q = tfd.Normal(1.0, gaussian_scale(PHI))
         p = tfd.Normal(1.0, gaussian_scale(PI))
+    else:  # the Bernoulli's mean and variance
+        q = tfd.Normal(PHI, np.sqrt(PHI * (1 - PHI)))
+        p = tfd.Normal(PI, np.sqrt(PI * (1 - PI)))
     expected = tf.reduce_sum(tfd.kl_divergence(q, p), -1).numpy()
     np.testing.assert_allclose(ours, expected, rtol=1e-5)
 
@@ -200,8 +203,9 @@ def test_reinforce_surrogate_is_zero_in_value_and_baseline_tracks_loss():
     np.testing.assert_allclose(layer.baseline.numpy(), [1.0, 2.0])  # 0.5 * mean
 
 
-def test_gaussian_gradients_flow_to_phi():
-    layer = _mask(np.full((2, 4), 0.5, "float32"), distribution="gaussian", seed=0)
+@pytest.mark.parametrize("distribution", ["gaussian", "gaussian_matched"])
+def test_gaussian_gradients_flow_to_phi(distribution):
+    layer = _mask(np.full((2, 4), 0.5, "float32"), distribution=distribution, seed=0)
     task_ids = tf.constant([0, 1] * 8)
     with tf.GradientTape() as tape:
         out, scope = _train(layer, tf.ones((16, 4)), task_ids)
@@ -278,3 +282,9 @@ def test_gaussian_mask_moments():
     # Guest channel 1 of task 0: N(1, r(0.2)^2), r(0.2) = 2.
     assert out[:, 1].mean() == pytest.approx(1.0, abs=0.05)
     assert out[:, 1].std() == pytest.approx(2.0, rel=0.03)
+    # Matched: the Bernoulli(0.2)'s mean 0.2 and std 0.4.
+    matched = _mask(phi, distribution="gaussian_matched", sample_per="example", seed=9)
+    out = _train(matched, tf.ones((rows, 2)), tf.zeros(rows, tf.int32))[0].numpy()
+    assert (out[:, 0] == 1).all()
+    assert out[:, 1].mean() == pytest.approx(0.2, abs=0.01)
+    assert out[:, 1].std() == pytest.approx(0.4, rel=0.03)

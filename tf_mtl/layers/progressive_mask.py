@@ -14,7 +14,7 @@ from tf_mtl.layers.base import TaskConditioned, draw_counter, next_seed, task_we
 
 tfd = tfp.distributions
 
-DISTRIBUTIONS = ("bernoulli", "gaussian")
+DISTRIBUTIONS = ("bernoulli", "gaussian", "gaussian_matched")
 SAMPLE_PER = ("task", "example")
 
 
@@ -85,20 +85,33 @@ def gaussian_scale(probs):
     return tf.sqrt((1.0 - probs) / probs)
 
 
+def gaussian_moments(distribution, probs):
+    """`(mean, std)` of the Gaussian mask of probabilities `probs`:
+    `"gaussian"`, the paper's N(1, r(v)^2); `"gaussian_matched"`,
+    N(v, v (1 - v)) = v N(1, r(v)^2), the mean and variance of the
+    Bernoulli(v) mask itself (a guest at v = eps passes 1% of its channel,
+    give or take 10%, where N(1, r^2) multiplies it by noise of std 9.95)."""
+    if distribution == "gaussian":
+        return tf.ones_like(probs), gaussian_scale(probs)
+    return probs, tf.sqrt(probs * (1.0 - probs))
+
+
 def kl_divergence(distribution, mask_probs, target_probs):
     """KL(q_Phi || p_Pi) per task, summed over channels, in closed form.
 
     Bernoulli: phi log(phi / pi) + (1 - phi) log((1 - phi) / (1 - pi)).
-    Gaussian, q = N(1, r(phi)^2), p = N(1, r(pi)^2) (same mean):
-    log(r(pi) / r(phi)) + r(phi)^2 / (2 r(pi)^2) - 1/2.
+    Gaussian, q = N(m_q, s_q^2), p = N(m_p, s_p^2) (`gaussian_moments`):
+    log(s_p / s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2.
     """
     q = tf.convert_to_tensor(mask_probs, tf.float32)
     p = tf.convert_to_tensor(target_probs, tf.float32)
     if distribution == "bernoulli":
         kl = q * tf.math.log(q / p) + (1.0 - q) * tf.math.log((1.0 - q) / (1.0 - p))
     else:
-        ratio = tf.square(gaussian_scale(q) / gaussian_scale(p))
-        kl = 0.5 * (ratio - tf.math.log(ratio) - 1.0)
+        (mean_q, std_q), (mean_p, std_p) = (gaussian_moments(distribution, v) for v in (q, p))
+        ratio = tf.square(std_q / std_p)
+        kl = 0.5 * (ratio - tf.math.log(ratio) - 1.0
+                    + tf.square((mean_q - mean_p) / std_p))
     return tf.reduce_sum(kl, axis=-1)
 
 
@@ -133,8 +146,9 @@ class ProgressiveMask(TaskConditioned):
 
     Args:
         num_tasks: T, at least 2.
-        distribution: `"bernoulli"` (default, the paper's main choice) or
-            `"gaussian"`.
+        distribution: `"bernoulli"` (default, the paper's main choice),
+            `"gaussian"` (the paper's N(1, r(phi)^2)) or `"gaussian_matched"`
+            (N(phi, phi (1 - phi)), see `gaussian_moments`).
         eps: clipping of the probabilities, 0.01 in the paper.
         beta: coefficient of the KL term (appendix 7.4), default 1.
         sample_per: `"task"` (default) or `"example"`.
@@ -249,7 +263,7 @@ class ProgressiveMask(TaskConditioned):
     def _distribution(self, probs):
         if self.distribution == "bernoulli":
             return tfd.Bernoulli(probs=probs, dtype=probs.dtype)
-        return tfd.Normal(loc=tf.ones_like(probs), scale=gaussian_scale(probs))
+        return tfd.Normal(*gaussian_moments(self.distribution, probs))
 
     def _sample(self, dist):
         # One draw of the masks; tests replace it to enumerate masks exactly.

@@ -55,7 +55,8 @@ def define_flags():
     from tf_mtl.layers.progressive_mask import DISTRIBUTIONS, SAMPLE_PER
 
     flags.DEFINE_enum("mpps_distribution", "bernoulli", DISTRIBUTIONS,
-                      "Mask distribution (3.3).")
+                      "Mask distribution (3.3): bernoulli, gaussian (the paper's "
+                      "N(1, r(phi)^2)) or gaussian_matched (N(phi, phi (1 - phi))).")
     flags.DEFINE_integer("mpps_layers", 6, "k: number of last sites masked (4.3.1).",
                          lower_bound=1)
     flags.DEFINE_string("mpps_schedule", "linear",
