@@ -260,3 +260,14 @@ def test_bilevel_mixed_precision_scales_the_gate_loss():
     assert isinstance(model.gate_optimizer, keras.optimizers.LossScaleOptimizer)
     after = model.gates[0].logits.numpy()
     assert np.isfinite(after).all() and not np.allclose(after, before)
+
+
+def test_bilevel_trains_on_data_not_jointly_labelled():
+    # The second-order step differentiates the per-task partitions twice,
+    # with a task absent from some batches.
+    ds = data.load("synthetic_groups", batch_size=16, limit=48)
+    model = methods.safe_sharing(BACKBONE, TASKS, SHAPE, jointly_labelled=False, seed=1,
+                                 bilevel=True)
+    model.compile(optimizer="adam")
+    loss = model.fit(ds.train, heldout_data=ds.validation, epochs=1, verbose=0).history["loss"]
+    assert np.isfinite(loss).all()

@@ -51,7 +51,10 @@ def _never_empty(apply, task, rows):
     no row in a batch, and oneDNN's convolution of an empty batch returns
     the input's shape (graph optimisations drop a reshape restating it)."""
     zero = tf.zeros(tf.concat([[1], tf.shape(rows)[1:]], axis=0), rows.dtype)
-    return apply(task, tf.concat([rows, zero], axis=0))[:tf.shape(rows)[0]]
+    # A gather, not a slice: the bi-level step differentiates this twice, and
+    # the second derivative of a slice of dynamic length mis-shapes.
+    return tf.gather(apply(task, tf.concat([rows, zero], axis=0)),
+                     tf.range(tf.shape(rows)[0]))
 
 
 class PerTaskLayer(TaskConditioned):
