@@ -380,19 +380,27 @@ class ParameterPassing(keras.callbacks.Callback):
         self._network = [v for layer in self.model._flatten_layers(include_self=True)
                          for v in layer._trainable_variables if id(v) not in matrices]
         self._phase = self._trained_epoch = None
+        self._train_functions = {}  # one trace per phase, kept for the fit
         if self.schedule == "fixed":
             for layer in self._layers:
                 if layer.passes_nothing():
                     layer.passing_matrix.assign(fixed_matrix(layer))
             self._freeze(passing=True)
 
-    def _freeze(self, passing):
-        """Freezes the passing matrices (`passing`) or the network."""
+    def _set_trainable(self, network, passing):
         for v in self._network:
-            v.trainable = passing
+            v.trainable = network
         for layer in self._layers:
-            layer.passing_matrix.trainable = not passing
-        self.model.make_train_function(force=True)  # traced on the new variables
+            layer.passing_matrix.trainable = passing
+
+    def _freeze(self, passing):
+        """Freezes the passing matrices (`passing`) or the network, and
+        trains with the step traced on the variables left trainable."""
+        self._set_trainable(network=passing, passing=not passing)
+        if passing not in self._train_functions:
+            self.model.make_train_function(force=True)
+            self._train_functions[passing] = self.model.train_function
+        self.model.train_function = self._train_functions[passing]
 
     def phase_at(self, epoch, batch):
         """`"self"` or `"adjacent"` at step `batch` of `epoch`."""
@@ -437,8 +445,5 @@ class ParameterPassing(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.schedule != "fixed":
             self._set_back()
-        for v in self._network:
-            v.trainable = True
-        for layer in self._layers:
-            layer.passing_matrix.trainable = True
+        self._set_trainable(network=True, passing=True)
         self.model.train_function = None  # the next fit traces its own

@@ -28,12 +28,15 @@ PASSINGS = ("layer", "channel")
 VARIANTS = ("linear", "residual", "nonlinear")
 
 
-def check_passing(passing, variant):
+def check_passing(passing, variant, learning_rate):
     if passing not in PASSINGS:
         raise ValueError(f"`passing` must be one of {PASSINGS}. Received: passing={passing!r}")
     if variant not in VARIANTS:
         raise ValueError(f"`passing_variant` must be one of {VARIANTS}. "
                          f"Received: passing_variant={variant!r}")
+    if not learning_rate > 0:
+        raise ValueError("`passing_learning_rate` must be > 0. "
+                         f"Received: passing_learning_rate={learning_rate}")
 
 
 def passing_spec(passing="layer", variant="linear", learning_rate=0.1, conv_only=False):
@@ -52,10 +55,7 @@ def passing_spec(passing="layer", variant="linear", learning_rate=0.1, conv_only
 
 
 def check_spec(spec):
-    check_passing(spec["passing"], spec["variant"])
-    if not spec["learning_rate"] > 0:
-        raise ValueError("The passing learning rate must be > 0. "
-                         f"Received: learning_rate={spec['learning_rate']}")
+    check_passing(spec["passing"], spec["variant"], spec["learning_rate"])
     return dict(spec)
 
 

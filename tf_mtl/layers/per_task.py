@@ -83,10 +83,7 @@ class PerTaskLayer(TaskConditioned):
         if int(num_tasks) < 1:
             raise ValueError(f"`num_tasks` must be >= 1. Received: {num_tasks}")
         if passing is not None:
-            check_passing(passing, passing_variant)
-            if not passing_learning_rate > 0:
-                raise ValueError("`passing_learning_rate` must be > 0. "
-                                 f"Received: passing_learning_rate={passing_learning_rate}")
+            check_passing(passing, passing_variant, passing_learning_rate)
         self.num_tasks = int(num_tasks)
         self.passing, self.passing_variant = passing, passing_variant
         self.passing_learning_rate = float(passing_learning_rate)
@@ -104,10 +101,12 @@ class PerTaskLayer(TaskConditioned):
             shape=neutral.shape, name="passing_matrix",
             initializer=lambda shape, dtype=None: neutral)
 
+    def _neutral(self):
+        return neutral_matrix(self.passing_variant, self.passing_matrix.shape[0])
+
     def passes_nothing(self):
         """Whether A is at its start (set back): `W' = W`."""
-        neutral = neutral_matrix(self.passing_variant, self.passing_matrix.shape[0])
-        return np.array_equal(self.passing_matrix.numpy(), neutral)
+        return np.array_equal(self.passing_matrix.numpy(), self._neutral())
 
     def weight(self, name):
         """Weight `name` as the layer computes with it: passed, if it is."""
@@ -130,8 +129,7 @@ class PerTaskLayer(TaskConditioned):
                   if getattr(self, n) is not None}
         for name, value in passed.items():
             getattr(self, name).assign(value)
-        self.passing_matrix.assign(
-            neutral_matrix(self.passing_variant, self.passing_matrix.shape[0]))
+        self.passing_matrix.assign(self._neutral())
 
     def dedicated_optimizer(self):
         if self._passing_optimizer is None:
