@@ -37,3 +37,20 @@ def mirrored():
     limitation); one shared strategy keeps its keys unique.
     """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture
+def mirrored_pair(mirrored):
+    """`pair(build)`: the model `build()` makes on one device and under the
+    two-CPU MirroredStrategy, with the same weights, both compiled with
+    SGD(0.1)."""
+    def pair(build):
+        single = build()
+        with mirrored.scope():
+            distributed = build()
+            distributed.set_weights(single.get_weights())
+            distributed.compile(optimizer=keras.optimizers.SGD(0.1))
+        single.compile(optimizer=keras.optimizers.SGD(0.1))
+        return single, distributed
+
+    return pair

@@ -222,7 +222,7 @@ def test_mask_learning_rate_trains_phi_with_its_own_sgd(mask_learning_rate):
         assert float(optimizer.learning_rate) == pytest.approx(0.01)
 
 
-def test_bernoulli_mpps_under_mirrored_strategy_matches_one_device(mirrored):
+def test_bernoulli_mpps_under_mirrored_strategy_matches_one_device(mirrored_pair):
     # Dense backbone without BatchNormalization, so that splitting a batch
     # between replicas changes nothing; one mask per task per step is the
     # same on every replica and on one device.
@@ -231,12 +231,7 @@ def test_bernoulli_mpps_under_mirrored_strategy_matches_one_device(mirrored):
                     backbones.DenseUnit(16)]
         return progressive_sharing(backbone, TASKS, (28, 28, 1), baseline_decay=0.5)
 
-    single = build()
-    with mirrored.scope():
-        distributed = build()
-        distributed.set_weights(single.get_weights())
-        distributed.compile(optimizer=keras.optimizers.SGD(0.1))
-    single.compile(optimizer=keras.optimizers.SGD(0.1))
+    single, distributed = mirrored_pair(build)
     data = _joint_data(batch=32, n=96)
     callbacks = lambda: [ExclusiveCapacityScheduler(2, "linear", 0, 0)]
     expected = single.fit(data, epochs=2, verbose=0, callbacks=callbacks()).history

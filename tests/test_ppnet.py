@@ -204,16 +204,11 @@ def test_export_serves_the_passed_weights_without_passing_matrices(tmp_path):
     assert not all(layer.passes_nothing() for layer in passed_layers(model))  # untouched
 
 
-def test_mirrored_strategy_equals_one_device(mirrored):
+def test_mirrored_strategy_equals_one_device(mirrored_pair):
     keras.utils.set_random_seed(3)
     build = functools.partial(methods.parameter_passing, _dense, TASKS, SHAPE,
                               passing="channel")
-    single = build()
-    with mirrored.scope():
-        distributed = build()
-        distributed.set_weights(single.get_weights())
-        distributed.compile(optimizer=keras.optimizers.SGD(0.1))
-    single.compile(optimizer=keras.optimizers.SGD(0.1))
+    single, distributed = mirrored_pair(build)
     ds = data.load("synthetic", batch_size=32, limit=96)
     runs = [m.fit(ds.validation, epochs=2, verbose=0,
                   callbacks=[ParameterPassing(period=2, unit="steps")]).history

@@ -104,19 +104,14 @@ def test_export_serves_every_task_from_one_graph_without_flex_ops(lite, after, t
 
 
 @pytest.mark.parametrize("lite, bilevel", [(False, False), (True, False), (False, True)])
-def test_mirrored_strategy_equals_one_device(lite, bilevel, mirrored):
+def test_mirrored_strategy_equals_one_device(lite, bilevel, mirrored_pair):
     # Dense encoders without batch normalisation: splitting a batch between
     # replicas changes nothing, and the lite gate's one draw per pass is the
     # same on every replica.
     keras.utils.set_random_seed(3)
     build = functools.partial(methods.safe_sharing, _dense, TASKS, SHAPE, lite=lite, seed=4,
                               bilevel=bilevel, virtual_learning_rate=0.1)
-    single = build()
-    with mirrored.scope():
-        distributed = build()
-        distributed.set_weights(single.get_weights())
-        distributed.compile(optimizer=keras.optimizers.SGD(0.1))
-    single.compile(optimizer=keras.optimizers.SGD(0.1))
+    single, distributed = mirrored_pair(build)
     ds = data.load("synthetic", batch_size=32, limit=96)
     heldout = {"heldout_data": ds.test} if bilevel else {}
     expected = single.fit(ds.validation, epochs=2, verbose=0, **heldout).history
