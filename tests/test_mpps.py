@@ -130,6 +130,28 @@ def test_fit_moves_ec_towards_sharing():
     assert all(np.isfinite(history.history["loss"]))
 
 
+def test_held_capacity_keeps_phi_on_the_schedule_and_moves_it_between_guests():
+    tasks = [classification(f"task_{t}", 3) for t in range(3)]
+    x, labels = synthetic.make_synthetic(96, 3, 3, seed=0)
+    data = tf.data.Dataset.from_tensor_slices((x, labels)).batch(32)
+    model = progressive_sharing(backbones.lenet(0.25), tasks, (28, 28, 1), beta=0.01,
+                                mask_learning_rate=0.1, hold_capacity=True)
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    mask = model.conditioned_layers[-1]
+    phi = exclusive_init(3, mask.mask_probs.shape[1], 0.01)
+    scheduler = ExclusiveCapacityScheduler(3, "linear")
+    history = model.fit(data, epochs=3, verbose=0, callbacks=[scheduler]).history
+    for record, capacity in zip(scheduler.history, [0.99, 0.5, 0.01]):
+        for probs in record["mask_probs"].values():  # every channel, at the epoch's end
+            np.testing.assert_allclose(exclusive_capacity(np.array(probs)), capacity,
+                                       atol=1e-5)
+    middle = np.array(scheduler.history[1]["mask_probs"][mask.name])
+    owners = phi.argmax(0)
+    guests = middle[np.arange(3)[:, None] != owners]
+    assert guests.std() > 1e-3  # the loss moved capacity between the guests
+    assert history["ec"] == pytest.approx([0.99, 0.5, 0.01], abs=1e-5)
+
+
 def _run(tmp_path, epochs, stop_after=None):
     """Trains a fresh MPPS model with BackupAndRestore; optionally crashes."""
     keras.utils.set_random_seed(0)

@@ -154,6 +154,8 @@ class ExclusiveCapacityScheduler(keras.callbacks.Callback):
                       exclusive_init(*mask.mask_probs.shape, mask.eps))
             mask.target_probs.assign(rescale_capacity(source, capacity, mask.eps))
             mask.target_capacity.assign(capacity)
+            if mask.hold_capacity:  # the course starts with Phi on its capacity
+                mask.mask_probs.assign(mask.project(mask.mask_probs))
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}

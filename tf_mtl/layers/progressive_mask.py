@@ -44,7 +44,7 @@ def exclusive_capacity(probs):
     return 1.0 - guests / (probs.shape[0] - 1)
 
 
-def rescale_capacity(probs, capacity, eps, iterations=60):
+def rescale_capacity(probs, capacity, eps, iterations=48):
     """Target update of Algorithm 1, `Pi = 1 - (C_i / C) * (1 - Phi)`,
     exact under clipping.
 
@@ -67,7 +67,9 @@ def rescale_capacity(probs, capacity, eps, iterations=60):
     1 - eps (k = 1 / eps), so every C_i in [eps, 1 - eps] is reached, and
     where nothing clips k is `C_i / C`, Algorithm 1's.
     """
-    probs = tf.cast(tf.convert_to_tensor(probs), tf.float64)
+    dtype = tf.convert_to_tensor(probs).dtype
+    probs = tf.cast(probs, tf.float64)
+    capacity = tf.cast(capacity, tf.float64)
     remaining = 1.0 - probs
     target = lambda factor: tf.clip_by_value(1.0 - factor * remaining, eps, 1.0 - eps)
     low = tf.zeros(probs.shape[1:], tf.float64)
@@ -76,7 +78,7 @@ def rescale_capacity(probs, capacity, eps, iterations=60):
         middle = (low + high) / 2
         reached = exclusive_capacity(target(middle)) >= capacity
         low, high = tf.where(reached, low, middle), tf.where(reached, middle, high)
-    return tf.cast(target(high), tf.float32)
+    return tf.cast(target(high), dtype)
 
 
 def gaussian_scale(probs):
@@ -125,7 +127,8 @@ class ProgressiveMask(TaskConditioned):
     guests sample. `Phi` (`mask_probs`, trainable) starts at the exclusive
     initialisation (3.5), as does the target `Pi` (`target_probs`), which
     callbacks move along the EC schedule (`tf_mtl.callbacks`). Phi is kept in
-    [eps, 1 - eps] by projection after every optimizer step.
+    [eps, 1 - eps] by projection after every optimizer step, and, with
+    `hold_capacity`, on the target's EC as well (see below).
 
     Training draws one mask per task per step, as in Algorithm 1
     (`sample_per="task"`), or one per example (`"example"`): lower variance
@@ -159,6 +162,21 @@ class ProgressiveMask(TaskConditioned):
             brings a step ~1/eps times larger than the common m = 0 one; the
             projection cuts the large steps, so without a baseline the loss
             level alone drifts guests upwards.
+        hold_capacity: keep the EC of Phi, channel by channel, at the
+            target's C_i after every step (`rescale_capacity`, the map of
+            Algorithm 1's target update, applied to Phi) instead of leaving
+            the KL term alone to hold it there (default False: the paper's
+            eq. 3). The loss gradient then only moves a channel's capacity
+            between its guests: what section 3.5 reads from Phi ("more
+            capacity to B on the neurons whose owner is A, especially under
+            such a limited total capacity") without the part of it every
+            guest shares. Why the KL alone cannot
+            (`benchmarks/mask_signal.md`): a guest's loss gradient is
+            ~0.005 per unit of phi against a KL curvature of
+            beta / (phi (1 - phi)) >= 4 beta, so at beta = 1 Phi stays
+            within ~0.003 of its target, and at beta = 0.01 it leaves the
+            schedule. Holding the capacity lets beta be small. With T = 2 a
+            channel has one guest, whose phi the capacity then fixes.
         mask_learning_rate: Phi is trained by plain SGD at this rate
             (default 0.01; section 3.4 trains Phi "by stochastic gradient
             descent"), whatever optimizer trains the network; None trains Phi
@@ -181,9 +199,11 @@ class ProgressiveMask(TaskConditioned):
     `objective_terms` to the loss and train Phi with its own optimizer.
     """
 
+    float32_state = True
+
     def __init__(self, num_tasks, distribution="bernoulli", eps=0.01, beta=1.0,
                  sample_per="task", baseline_decay=0.9, mask_learning_rate=0.01,
-                 seed=None, **kwargs):
+                 hold_capacity=False, seed=None, **kwargs):
         super().__init__(**kwargs)
         if int(num_tasks) < 2:
             raise ValueError(
@@ -220,6 +240,7 @@ class ProgressiveMask(TaskConditioned):
         self.sample_per = sample_per
         self.baseline_decay = baseline_decay
         self.mask_learning_rate = mask_learning_rate
+        self.hold_capacity = bool(hold_capacity)
         self._mask_optimizer = None
         self.seed = int(np.random.randint(2**31 - 1) if seed is None else seed)
 
@@ -231,11 +252,9 @@ class ProgressiveMask(TaskConditioned):
                 f"{self.num_tasks} owners (section 3.5)."
             )
         init = exclusive_init(self.num_tasks, channels, self.eps)
-        lo, hi = self.eps, 1.0 - self.eps
         self.mask_probs = self.add_weight(
             shape=init.shape, name="mask_probs",
-            initializer=lambda shape, dtype=None: init,
-            constraint=lambda probs: keras.ops.clip(probs, lo, hi),
+            initializer=lambda shape, dtype=None: init, constraint=self.project,
         )
         self.target_probs = self.add_weight(
             shape=init.shape, name="target_probs", trainable=False,
@@ -259,6 +278,14 @@ class ProgressiveMask(TaskConditioned):
 
     def routes_tasks(self, training):
         return bool(training)
+
+    def project(self, probs):
+        """Phi's constraint, applied after every optimizer step: clipped to
+        [eps, 1 - eps] and, with `hold_capacity`, rescaled to the target's EC."""
+        probs = keras.ops.clip(probs, self.eps, 1.0 - self.eps)
+        if self.hold_capacity:
+            probs = rescale_capacity(probs, self.target_capacity, self.eps)
+        return probs
 
     def _distribution(self, probs):
         if self.distribution == "bernoulli":
@@ -348,5 +375,6 @@ class ProgressiveMask(TaskConditioned):
             "sample_per": self.sample_per,
             "baseline_decay": self.baseline_decay,
             "mask_learning_rate": self.mask_learning_rate,
+            "hold_capacity": self.hold_capacity,
             "seed": self.seed,
         }

@@ -15,7 +15,8 @@ from tf_mtl.model import MultiTaskModel
 def progressive_sharing(backbone, tasks, input_shape, jointly_labelled=True,
                         num_masked=6, distribution="bernoulli", eps=0.01,
                         beta=1.0, sample_per="task", baseline_decay=0.9,
-                        mask_learning_rate=0.01, seed=0, routing="tiled"):
+                        mask_learning_rate=0.01, hold_capacity=False, seed=0,
+                        routing="tiled"):
     """An MPPS model.
 
     Args:
@@ -27,7 +28,7 @@ def progressive_sharing(backbone, tasks, input_shape, jointly_labelled=True,
             paper (4.1, 4.3.1). A backbone with fewer sites is masked at all
             of them.
         distribution, eps, beta, sample_per, baseline_decay,
-            mask_learning_rate: see `ProgressiveMask`.
+            mask_learning_rate, hold_capacity: see `ProgressiveMask`.
         seed: seed of the first mask; mask i uses `seed + i`.
         routing: `"tiled"` (fastest) or `"sequential"` (least memory), see
             `MultiTaskModel`.
@@ -41,7 +42,7 @@ def progressive_sharing(backbone, tasks, input_shape, jointly_labelled=True,
         block.condition(site, ProgressiveMask(
             len(tasks), distribution=distribution, eps=eps, beta=beta,
             sample_per=sample_per, baseline_decay=baseline_decay,
-            mask_learning_rate=mask_learning_rate,
+            mask_learning_rate=mask_learning_rate, hold_capacity=hold_capacity,
             seed=None if seed is None else seed + i, name=f"mpps_mask_{i}",
         ))
     return MultiTaskModel(backbone, tasks, input_shape, jointly_labelled,
@@ -61,13 +62,11 @@ def define_flags():
                          lower_bound=1)
     flags.DEFINE_string("mpps_schedule", "linear",
                         "EC schedule: separ, fullshare, linear, quad or stepN.")
-    # The paper freezes 15-25 of 200 epochs; one epoch at each end is the
-    # nearest share for short runs. With the exclusive first course and the
-    # fully shared last one, 8 epochs then train 2 at each end.
-    flags.DEFINE_integer("mpps_frozen_start", 1, "Frozen epochs at the start (4.3.2).",
+    flags.DEFINE_integer("mpps_frozen_start", None, "Frozen epochs at the start "
+                         "(4.3.2); default: an eighth of --epochs, rounded.",
                          lower_bound=0)
-    flags.DEFINE_integer("mpps_frozen_end", 1, "Frozen epochs at the end (4.3.2).",
-                         lower_bound=0)
+    flags.DEFINE_integer("mpps_frozen_end", None, "Frozen epochs at the end (4.3.2); "
+                         "default: an eighth of --epochs, rounded.", lower_bound=0)
     flags.DEFINE_float("mpps_beta", 1.0, "Coefficient of the KL term (appendix).",
                        lower_bound=0.0)
     flags.DEFINE_float("mpps_eps", 0.01, "Probability clipping eps.",
@@ -81,6 +80,10 @@ def define_flags():
     flags.DEFINE_float("mpps_mask_learning_rate", 0.01,
                        "Train Phi by plain SGD at this rate; 0: with the model's "
                        "optimizer.", lower_bound=0.0)
+    flags.DEFINE_bool("mpps_hold_capacity", False,
+                      "Hold the EC of Phi on the target's after every step, so "
+                      "the loss only moves capacity between guests "
+                      "(see ProgressiveMask).")
     flags.DEFINE_bool("mpps_update_target", True,
                       "Algorithm 1's target update; false: 'without updating' (4.3.4).")
     flags.register_validator(
@@ -111,11 +114,20 @@ def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epoc
         num_masked=f.mpps_layers, distribution=f.mpps_distribution,
         eps=f.mpps_eps, beta=f.mpps_beta, sample_per=f.mpps_sample_per,
         baseline_decay=f.mpps_baseline_decay or None,
-        mask_learning_rate=f.mpps_mask_learning_rate or None, seed=f.seed,
+        mask_learning_rate=f.mpps_mask_learning_rate or None,
+        hold_capacity=f.mpps_hold_capacity, seed=f.seed,
         routing=f.routing,
     )
-    scheduler = ExclusiveCapacityScheduler(
-        epochs, f.mpps_schedule, f.mpps_frozen_start, f.mpps_frozen_end,
-        f.mpps_update_target,
-    )
+    frozen = [default_frozen_epochs(epochs) if n is None else n
+              for n in (f.mpps_frozen_start, f.mpps_frozen_end)]
+    scheduler = ExclusiveCapacityScheduler(epochs, f.mpps_schedule, *frozen,
+                                           f.mpps_update_target)
     return model, [scheduler]
+
+
+def default_frozen_epochs(epochs):
+    """Frozen epochs at each end when none are given: the paper freezes 15-25
+    of 200 epochs (4.3.2); an eighth of the run, rounded, is 1 of 8 epochs
+    (so 8 epochs train 2 at each end, with the exclusive first course and
+    the fully shared last one) and none of 1 to 4."""
+    return round(epochs / 8)
