@@ -46,14 +46,25 @@ flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
 flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Optimizer (sgd: momentum 0.9).")
 flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.", lower_bound=1e-8)
 flags.DEFINE_integer("seed", 0, "Seed of data, initialisation and masks.", lower_bound=0)
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored"],
-                  "tf.distribute strategy: default (one device) or mirrored (all local devices).")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                  "tf.distribute strategy: default (one device), mirrored (all local "
+                  "devices) or multi_worker (the devices of every worker of the cluster "
+                  "in TF_CONFIG).")
 flags.DEFINE_enum("routing", "tiled", ["tiled", "sequential"],
                   "How jointly labelled batches cross task-conditioned layers: one "
                   "tiled pass (fastest) or one pass per task (least memory).")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"],
+                  "Keras dtype policy: float16 or bfloat16 computation with float32 "
+                  "weights (float16 with loss scaling); the methods' masks, gates, "
+                  "partitions and passing matrices stay float32.")
+flags.DEFINE_bool("jit_compile", False,
+                  "Compile the train step with XLA (see the README for what it costs).")
 flags.DEFINE_string("output_dir", "runs/latest", "Where history, logs and figures go.")
 flags.DEFINE_string("export_dir", None, "Where the export goes (default: <output_dir>/export).")
 flags.DEFINE_string("data_dir", None, "Folder of the Fashion-MNIST IDX files.")
+flags.DEFINE_bool("download", False,
+                  "Without the IDX files, let TensorFlow Datasets download "
+                  "Fashion-MNIST (needs a network).")
 flags.DEFINE_integer("limit", None, "Keep at most this many examples per split.",
                      lower_bound=1)
 flags.DEFINE_string("reference", None,
@@ -77,6 +88,15 @@ mpps.define_flags()
 smtl.define_flags()
 roaming.define_flags()
 ppnet.define_flags()
+
+
+@flags.multi_flags_validator(
+    ["method", "epochs", "mpps_frozen_start", "mpps_frozen_end"],
+    message="MPPS's frozen epochs (--mpps_frozen_start + --mpps_frozen_end) must fit "
+            "in --epochs.")
+def _frozen_epochs_fit(values):
+    frozen = [values[k] or 0 for k in ("mpps_frozen_start", "mpps_frozen_end")]
+    return values["method"] != "mpps" or sum(frozen) <= values["epochs"]
 METHODS = {
     "hps": hps.from_flags, "mpps": mpps.from_flags, "smtl": smtl.from_flags,
     "lsmtl": functools.partial(smtl.from_flags, lite=True),
@@ -101,7 +121,27 @@ def _optimizer():
 def _strategy():
     if FLAGS.strategy == "mirrored":
         return tf.distribute.MirroredStrategy()
+    if FLAGS.strategy == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise app.UsageError(
+                "--strategy=multi_worker reads the cluster and this worker's place in "
+                "it from the TF_CONFIG environment variable, which is not set "
+                "(see the README's multi-worker section).")
+        return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def _is_chief(strategy):
+    """Whether this process writes the run's outputs: always, except under
+    multi-worker training where the chief does (the `chief` task, or worker
+    0 of a cluster without one)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return (resolver.task_type == "worker" and resolver.task_id == 0
+            and "chief" not in resolver.cluster_spec().as_dict())
 
 
 class Checkpoint(keras.callbacks.Callback):
@@ -122,11 +162,15 @@ class Checkpoint(keras.callbacks.Callback):
     same logs: `restore` rewrites them from the checkpoint, then every epoch
     is added once its checkpoint is whole, so they never hold two runs'
     values of an epoch (an epoch killed in between is written again).
+
+    Under `--strategy=multi_worker` only the chief writes (`writes`): every
+    worker restores from the chief's folder, on a file system they share.
     """
 
-    def __init__(self, folder, log_dir, tracked):
+    def __init__(self, folder, log_dir, tracked, writes=True):
         super().__init__()
         self.folder, self.log_dir, self.tracked = folder, log_dir, tracked
+        self.writes = writes
         self.epochs = []
         self._writers = None
 
@@ -144,6 +188,8 @@ class Checkpoint(keras.callbacks.Callback):
             self.epochs = progress["epochs"]
             for name, callback in self.tracked.items():
                 callback.history = progress["tracked"][name]
+        if not self.writes:
+            return len(self.epochs)
         shutil.rmtree(self.log_dir, ignore_errors=True)
         for epoch, logs in enumerate(self.epochs):
             self._log(epoch, logs)
@@ -152,6 +198,8 @@ class Checkpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs.append({k: float(v) for k, v in (logs or {}).items()})
+        if not self.writes:
+            return
         scratch = os.path.join(self.folder, "partial")
         shutil.rmtree(scratch, ignore_errors=True)
         os.makedirs(scratch)
@@ -200,12 +248,17 @@ def _fit(model, strategy, train, validation, test, callbacks, name=None):
     """Trains from the checkpoint in `<output_dir>/checkpoint[/name]`, if
     any, to --epochs, with TensorBoard logs in `<output_dir>/logs[/name]`;
     returns the history of every epoch and the test results."""
+    for split, data in (("training", train), ("validation", validation), ("test", test)):
+        model.check_dataset(data, f"the {split} split")  # all before the first step
     with strategy.scope():  # the optimizer's variables are mirrored too
-        model.compile(optimizer=_optimizer())
+        model.compile(optimizer=_optimizer(), jit_compile=FLAGS.jit_compile)
     where = lambda folder: os.path.join(FLAGS.output_dir, folder, *([name] if name else []))
     tracked = {type(c).__name__: c for c in callbacks if hasattr(c, "history")}
-    checkpoint = Checkpoint(where("checkpoint"), where("logs"), tracked)
-    done = checkpoint.restore(model)
+    checkpoint = Checkpoint(where("checkpoint"), where("logs"), tracked,
+                            writes=_is_chief(strategy))
+    # With --noresume the chief has emptied the folder; another worker must
+    # not read it meanwhile.
+    done = checkpoint.restore(model) if FLAGS.resume or checkpoint.writes else 0
     if done > FLAGS.epochs:
         raise app.UsageError(
             f"{checkpoint.folder} holds {done} epochs, more than --epochs={FLAGS.epochs}: "
@@ -239,8 +292,9 @@ def _train_single_tasks(data, tasks, input_shape, strategy, backbone, export_dir
             model, strategy, view(data.train), view(data.validation), view(data.test), [],
             task.name)
         results.update({k: v for k, v in task_results.items() if k != "loss"})
-        model.save(os.path.join(FLAGS.output_dir, f"model_{task.name}.keras"))
-        export.export(model, os.path.join(export_dir, task.name))
+        if _is_chief(strategy):
+            model.save(os.path.join(FLAGS.output_dir, f"model_{task.name}.keras"))
+            export.export(model, os.path.join(export_dir, task.name))
     return histories, results
 
 
@@ -298,19 +352,25 @@ def main(argv):
     from tf_mtl.tasks import classification
 
     start = time.time()
+    strategy = _strategy()  # first: MultiWorkerMirroredStrategy precedes every op
+    chief = _is_chief(strategy)
     keras.utils.set_random_seed(FLAGS.seed)
+    if FLAGS.mixed_precision != "none":
+        keras.mixed_precision.set_dtype_policy(FLAGS.mixed_precision)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
-    data = datasets.load(FLAGS.dataset, FLAGS.batch_size, FLAGS.seed,
-                         FLAGS.data_dir, FLAGS.limit)
+    try:
+        data = datasets.load(FLAGS.dataset, FLAGS.batch_size, FLAGS.seed,
+                             FLAGS.data_dir, FLAGS.limit, FLAGS.download)
+    except FileNotFoundError as error:
+        raise app.UsageError(str(error)) from None
     tasks = [classification(n, k) for n, k in data.task_classes.items()]
     reference = _load_reference(tasks)
     input_shape = tuple(data.train.element_spec[0].shape[1:])
     backbone = functools.partial(backbones.BACKBONES[FLAGS.backbone], FLAGS.width)
-    strategy = _strategy()
     print(f"{FLAGS.strategy} strategy: {strategy.num_replicas_in_sync} replicas")
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.output_dir, "export")
-    if not FLAGS.resume:
+    if not FLAGS.resume and chief:
         for name in ("checkpoint", "logs", "history.json", "results.json"):
             path = os.path.join(FLAGS.output_dir, name)
             if os.path.isdir(path):
@@ -323,6 +383,8 @@ def main(argv):
     if FLAGS.method == "stl":
         history, results = _train_single_tasks(
             data, tasks, input_shape, strategy, backbone, export_dir)
+        if not chief:
+            return
     else:
         with strategy.scope():
             model, callbacks = METHODS[FLAGS.method](
@@ -330,6 +392,13 @@ def main(argv):
                 FLAGS.epochs)
         history, results = _fit(model, strategy, data.train, data.validation, data.test,
                                 callbacks)
+        if not chief:  # its replica of the model, in a folder of its own
+            resolver = strategy.cluster_resolver
+            folder = os.path.join(FLAGS.output_dir, "workers",
+                                  f"{resolver.task_type}_{resolver.task_id}")
+            os.makedirs(folder, exist_ok=True)
+            model.save(os.path.join(folder, "model.keras"))
+            return
         model.save(os.path.join(FLAGS.output_dir, "model.keras"))
         export.export(model, export_dir)
         for callback in callbacks:

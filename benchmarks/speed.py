@@ -103,8 +103,8 @@ def _batch(num_tasks, jointly, size=BATCH):
     return tf.data.Dataset.from_tensors(data).repeat()
 
 
-def _trainer(model, num_tasks, jointly, size=BATCH, heldout=False):
-    model.compile(optimizer="adam")
+def _trainer(model, num_tasks, jointly, size=BATCH, heldout=False, jit_compile=False):
+    model.compile(optimizer="adam", jit_compile=jit_compile)
     if not jointly:
         model.set_task_frequencies(np.ones(num_tasks))
     model.make_train_function()
@@ -232,6 +232,31 @@ def measure_passing(backbone, num_tasks, passing, blocks=7, steps=10):
     return _step_times(runs, blocks, steps)
 
 
+PRECISION_METHODS = {
+    "HPS": lambda backbone, tasks: hard_sharing(backbone(), tasks, SHAPE),
+    "MPPS": lambda backbone, tasks: progressive_sharing(backbone(), tasks, SHAPE),
+    "SMTL": lambda backbone, tasks: safe_sharing(backbone, tasks, SHAPE),
+    "MR": lambda backbone, tasks: maximum_roaming(backbone(), tasks, SHAPE),
+    "PPNet": lambda backbone, tasks: parameter_passing(backbone, tasks, SHAPE),
+}
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def measure_precision(build, num_tasks=2, blocks=7, steps=10):
+    """A method's step (LeNet, jointly labelled) under each dtype policy, and
+    in float32 compiled by XLA."""
+    tasks = [classification(f"task_{t}", 3) for t in range(num_tasks)]
+    runs = {}
+    for policy in POLICIES:
+        keras.mixed_precision.set_dtype_policy(policy)
+        try:
+            runs[policy] = _trainer(build(backbones.lenet, tasks), num_tasks, True)
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+    runs["xla"] = _trainer(build(backbones.lenet, tasks), num_tasks, True, jit_compile=True)
+    return _step_times(runs, blocks, steps)
+
+
 def main(sections):
     keras.utils.set_random_seed(0)
     if "mpps" in sections:
@@ -244,6 +269,8 @@ def main(sections):
         roaming_table()
     if "passing" in sections:
         passing_table()
+    if "precision" in sections:
+        precision_table()
 
 
 def mpps_table():
@@ -333,5 +360,18 @@ def passing_table():
               + " | ".join(cells) + " |", flush=True)
 
 
+def precision_table():
+    print("\nMixed precision and XLA: each method's train step (LeNet, T = 2) over "
+          "its float32 step, one run.\n")
+    print("| method | float32 ms/step | mixed_float16 | mixed_bfloat16 | float32, XLA |")
+    print("|---|---|---|---|---|")
+    for name, build in PRECISION_METHODS.items():
+        step = measure_precision(build)
+        print(f"| {name} | {1e3 * step['float32']:.1f} | "
+              + " | ".join(f"{step[r] / step['float32']:.2f}"
+                           for r in ("mixed_float16", "mixed_bfloat16", "xla"))
+              + " |", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["mpps", "per_task", "bilevel", "roaming", "passing"])
+    main(sys.argv[1:] or ["mpps", "per_task", "bilevel", "roaming", "passing", "precision"])

@@ -27,11 +27,11 @@ IDX_NAMES = (
     "t10k-labels-idx1-ubyte",
 )
 
-IDX_TYPE_CODES = {np.dtype("u1"): 0x08, np.dtype(">i4"): 0x0C}
+IDX_TYPE_CODES = {np.dtype("u1"): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
 
 
 def write_idx(path, array):
-    """Writes `array` (uint8 or big-endian int32) as an IDX file."""
+    """Writes `array` (uint8, big-endian int32 or float32) as an IDX file."""
     header = bytes([0, 0, IDX_TYPE_CODES[array.dtype], array.ndim])
     header += np.array(array.shape, ">u4").tobytes()
     opener = gzip.open if str(path).endswith(".gz") else open
@@ -115,28 +115,53 @@ def test_load_fashion_mnist_reads_gz_and_plain_files(tmp_path):
         assert result.dtype == dtype
 
 
-def test_missing_data_error_names_both_ways_to_get_it(tmp_path, monkeypatch):
-    # A None entry makes `import tensorflow_datasets` fail.
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
-
-    with pytest.raises(FileNotFoundError) as error:
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 0.5, 300.0])
+def test_float_idx_images_must_be_pixels(tmp_path, bad):
+    images = np.zeros((3, 28, 28), ">f4")
+    images[2, 5, 5] = bad
+    write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(3, np.uint8))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((1, 28, 28), np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(1, np.uint8))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte: image 2 holds values "
+                                         "that are not pixels"):
         data.load_fashion_mnist(tmp_path)
+    images[2, 5, 5] = 255.0  # whole numbers in [0, 255] are read as pixels
+    write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    assert data.load_fashion_mnist(tmp_path)[0][0][2, 5, 5] == 255
 
+
+def test_missing_data_fails_at_once_and_names_the_ways_to_get_it(tmp_path, monkeypatch):
+    # No download unless asked for: tensorflow_datasets is not even imported.
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as error:
+        data.load("multifashion", data_dir=str(missing))
     message = str(error.value)
-    assert str(tmp_path) in message
+    assert f"{missing} does not exist" in message
     assert "apt-get install dataset-fashion-mnist" in message
-    assert "--data_dir=" in message
-    assert "tfds.load('fashion_mnist')" in message
-    assert "network" in message
+    assert "--data_dir=" in message and "--download" in message
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        data.load_fashion_mnist(tmp_path)  # a folder without the files
 
 
-def test_load_fashion_mnist_falls_back_to_tfds(tmp_path):
+def test_failed_download_names_both_ways_to_get_the_data(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    with pytest.raises(FileNotFoundError) as error:
+        data.load_fashion_mnist(tmp_path, download=True)
+    message = str(error.value)
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "could not download" in message
+
+
+def test_load_fashion_mnist_downloads_from_tfds_when_asked(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
 
     with tfds.testing.mock_data(
         num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE
     ):
-        (x_train, y_train), (x_test, y_test) = data.load_fashion_mnist(tmp_path)
+        (x_train, y_train), (x_test, y_test) = data.load_fashion_mnist(tmp_path,
+                                                                       download=True)
 
     for images, labels in ((x_train, y_train), (x_test, y_test)):
         assert images.shape == (5, 28, 28) and images.dtype == np.uint8

@@ -403,9 +403,13 @@ def test_mirrored_strategy_matches_one_device(mirrored, jointly_labelled):
 
 
 @pytest.mark.parametrize("jointly_labelled", [True, False])
-def test_mirrored_logged_loss_matches_one_device_with_a_partial_batch(
-        mirrored, jointly_labelled):
-    dataset = numpy_dataset(jointly_labelled, 65, 64)  # Last batch: 1 example.
+@pytest.mark.parametrize("examples, batch", [
+    (65, 64),  # the last batch: 1 example
+    (14, 7),  # every batch odd: 4 rows on one replica, 3 on the other
+])
+def test_mirrored_matches_one_device_with_uneven_replica_batches(
+        mirrored, jointly_labelled, examples, batch):
+    dataset = numpy_dataset(jointly_labelled, examples, batch)
 
     single, distributed, single_history, mirrored_history = fit_single_and_mirrored(
         mirrored, jointly_labelled, dataset, epochs=1
@@ -518,6 +522,31 @@ def test_sequential_routing_trains_like_tiled_routing():
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
     trained = [not np.array_equal(a, b) for a, b in zip(tiled.get_weights(), initial)]
     assert sum(trained) == len(tiled.trainable_variables)
+
+
+def test_sequential_routing_splits_a_block_at_its_site():
+    # The site after a residual unit's second convolution: sequential routing
+    # runs the unit's first convolution, its shortcut and their normalisation
+    # once (their moving statistics move once, as tiled), and carries the
+    # shortcut into each task's pass with the site's features.
+    def build(routing):
+        keras.utils.set_random_seed(0)
+        backbone = backbones.resnet(0.25)
+        backbone[2].condition(1, TaskBias(2))
+        return tf_mtl.MultiTaskModel(backbone, two_tasks(), INPUT_SHAPE, routing=routing)
+
+    tiled, sequential = build("tiled"), build("sequential")
+    assert sequential.backbone[2].entry_site(True) == 1
+    sequential.set_weights(tiled.get_weights())
+    initial = tiled.get_weights()
+    batch = next(iter(numpy_dataset(True, 8, 8)))
+    for model in (tiled, sequential):
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+        model.train_step(batch)
+    for a, b in zip(tiled.get_weights(), sequential.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    moved = [not np.array_equal(a, b) for a, b in zip(tiled.get_weights(), initial)]
+    assert sum(moved) >= len(tiled.trainable_variables)  # and the moving statistics
 
 
 def test_unknown_routing():

@@ -100,12 +100,18 @@ def test_mpps_on_synthetic_groups_writes_the_capacity_figure(tmp_path):
     assert targets == sorted(targets, reverse=True)
 
 
-def test_mpps_frozen_epochs_longer_than_training_are_rejected(tmp_path):
-    with pytest.raises(ValueError, match=r"frozen_start=2 \+ frozen_end=1 > "
-                                         r"epochs=2"):
+def test_mpps_frozen_epochs_longer_than_training_are_a_flag_error(tmp_path):
+    with pytest.raises(flags.IllegalFlagValueError, match="must fit in --epochs"):
         run_train(tmp_path, "--method=mpps", "--dataset=synthetic_groups",
                   "--epochs=2", "--mpps_frozen_start=2", "--mpps_frozen_end=1")
     assert not (tmp_path / "history.json").exists()
+    run_train(tmp_path, "--method=hps", "--dataset=synthetic", "--epochs=2",
+              "--mpps_frozen_start=2", "--mpps_frozen_end=1")  # not MPPS: unused
+
+
+def test_mpps_default_frozen_epochs_fit_a_one_epoch_run(tmp_path):
+    out = run_train(tmp_path, "--method=mpps", "--dataset=synthetic")  # --epochs=1
+    assert read_json(out / "history.json")["mpps"][0]["ec_target"] == pytest.approx(0.01)
 
 
 def test_export_dir_flag_moves_the_export(tmp_path):
@@ -319,3 +325,33 @@ def test_every_config_parses(config):
         FLAGS(["train.py", f"--flagfile={os.path.join(ROOT, 'configs', config)}"])
         assert config.startswith(FLAGS.method + "_")
         assert FLAGS.output_dir == f"runs/{config[:-len('.cfg')]}"
+
+
+def test_a_missing_flagfile_is_a_flag_error(tmp_path):
+    with pytest.raises(flags.Error, match="Unable to open flagfile"):
+        run_train(tmp_path, f"--flagfile={tmp_path / 'missing.cfg'}")
+
+
+def test_a_missing_data_dir_fails_at_once_without_downloading(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # where tfds would leave its folder
+    with pytest.raises(app.UsageError, match="nowhere does not exist.*--download"):
+        run_train(tmp_path / "run", "--method=hps", f"--data_dir={tmp_path / 'nowhere'}")
+    assert not (tmp_path / "tensorflow_datasets").exists()
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_multi_worker_strategy_needs_tf_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(app.UsageError, match="TF_CONFIG"):
+        run_train(tmp_path, "--method=hps", "--dataset=synthetic",
+                  "--strategy=multi_worker")
+
+
+@pytest.mark.parametrize("flag", ["--mixed_precision=mixed_bfloat16", "--jit_compile"])
+def test_precision_and_compilation_flags_train(tmp_path, flag):
+    try:
+        out = run_train(tmp_path, "--method=mpps", "--dataset=synthetic", flag)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert_task_accuracies(read_json(out / "results.json"))
+    assert_export(out / "export")  # in float32: TFLite has no bfloat16 kernels

@@ -121,7 +121,7 @@ def test_images_of_wrong_shape(shape):
 def test_nan_in_a_float_label_of_the_first_batch():
     assert_fit_rejects(
         regression_model(), regression_dataset([0.5, np.nan, 0.2, 0.1]),
-        ValueError, "NaN or Inf in the labels of task 'level' in `x`",
+        ValueError, "NaN or Inf in the labels of task 'level' in batch 0 of `x`",
     )
 
 
@@ -153,7 +153,7 @@ def test_non_joint_task_id_out_of_range(bad_id):
 
     assert_fit_rejects(
         non_joint_model(), dataset, ValueError,
-        rf"Task id {bad_id} in `x` is out of range: the model has tasks 0..1",
+        rf"Task id {bad_id} in batch 0 of `x` is out of range: the model has tasks 0..1",
     )
 
 
@@ -219,20 +219,83 @@ def test_evaluate_checks_its_data():
     assert model.test_function is None
 
 
-def test_nan_in_a_later_batch_is_caught_by_the_training_step():
+def test_nan_in_a_later_batch_is_refused_before_training():
+    model = regression_model()
+    dataset = regression_dataset([0.1, 0.2, 0.3, 0.4, 0.5, np.nan], batch_size=2)
+    assert_fit_rejects(model, dataset, ValueError,
+                       "NaN or Inf in the labels of task 'level' in batch 2 of `x`")
+
+
+def test_nan_label_of_endless_data_is_caught_by_the_training_step():
+    # An endless dataset is checked on its first batch; the step checks the rest.
     model = regression_model()
     initial = model.get_weights()
-    dataset = regression_dataset([0.1, 0.2, 0.3, 0.4, 0.5, np.nan], batch_size=2)
+    dataset = regression_dataset([0.1, 0.2, 0.3, 0.4, 0.5, np.nan], batch_size=2).repeat()
 
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match="NaN or Inf in the labels of task 'level'"):
-        model.fit(dataset, epochs=1, verbose=0)
-    # The first batch passed the checks before fit: the steps ran, trained on
-    # the clean batches and stopped at the NaN before it reached a weight.
-    assert model.train_function is not None
+        model.fit(dataset, epochs=1, steps_per_epoch=3, verbose=0)
+    # The steps trained on the clean batches and stopped at the NaN before
+    # it reached a weight.
     weights = model.get_weights()
     assert all(np.isfinite(w).all() for w in weights)
     assert any(not np.array_equal(w, w0) for w, w0 in zip(weights, initial))
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_class_id_out_of_range_is_refused_before_training(batch):
+    x, labels = synthetic.make_synthetic(8)
+    labels["task_1"][4 * batch + 1] = 12
+    assert_fit_rejects(joint_model(), joint_dataset(labels=labels), ValueError,
+                       f"Label 12 of task 'task_1' in batch {batch} of `x` is out of "
+                       r"range: its class ids are 0..2")
+
+
+def test_class_id_out_of_range_of_endless_data_names_its_task_in_the_step():
+    x, labels = synthetic.make_synthetic(8)
+    labels["task_0"][5] = -1
+    model = joint_model()
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"Task task_0: class ids outside 0..2:"):
+        model.fit(joint_dataset(labels=labels).repeat(), epochs=1, steps_per_epoch=2,
+                  verbose=0)
+    assert int(model.optimizer.iterations) == 1  # the first batch's step only
+
+
+def test_float_class_ids_are_refused_naming_the_task_and_dtype():
+    x, labels = synthetic.make_synthetic(8)
+    labels["task_0"] = labels["task_0"].astype("float32") + np.float32(0.7)
+    assert_fit_rejects(joint_model(), joint_dataset(labels=labels), ValueError,
+                       "Labels of task 'task_0' in `x` are float32: class ids must be "
+                       "integers")
+
+
+def test_a_nan_pixel_is_refused_naming_its_batch():
+    x, _ = synthetic.make_synthetic(8)
+    x[6, 3, 3, 0] = np.nan
+    assert_fit_rejects(joint_model(), joint_dataset(x=x), ValueError,
+                       r"NaN or Inf in the inputs of batch 1 of `x` \(its example 2\)")
+
+
+def test_an_infinite_loss_mid_training_stops_before_it_reaches_a_weight():
+    model = regression_model()
+    dataset = regression_dataset([0.1, 0.2, 1e38, 1e38], batch_size=2)  # finite labels
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="training objective is NaN or Inf at step.*1"):
+        model.fit(dataset, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations) == 1
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_a_dataset_smaller_than_one_batch_trains():
+    model = joint_model()
+    history = model.fit(joint_dataset(num_examples=3, batch_size=32), epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+def test_a_task_with_one_class_is_refused():
+    with pytest.raises(ValueError, match="Task 'flat': `num_classes` must be >= 2"):
+        classification("flat", 1)
 
 
 def test_clean_float_labels_pass():

@@ -53,8 +53,15 @@ class Block(keras.layers.Layer):
 
     Subclasses create their sublayers in `__init__` (per-task copies when
     `num_tasks` is set), declare the channels of each site in
-    `site_channels`, enter the routed part with `self._enter` and route every
-    site through `self._site`.
+    `site_channels` and write their computation as `stages()`: stage s runs
+    before site s, the last one after every site. A stage maps
+    `(state, task_ids, training)` to the next state, a tuple whose first
+    tensor is what the next site sees (the rest, e.g. a residual branch,
+    rides along and is routed with it). So the model can start a block's
+    routed part at the site where its rows enter it (`run_until` /
+    `run_from`: sequential routing runs the part before once). A block
+    that cannot be split overrides `call` and routes its rows before its
+    first layer (`entry_site` -1).
     """
 
     site_channels = ()
@@ -113,11 +120,43 @@ class Block(keras.layers.Layer):
         return bool(self.num_tasks) or any(
             l.routes_tasks(training) for l in self.conditioned.values())
 
-    def _enter(self, x, task_ids, route):
-        """A per-task block routes its rows before its first layer."""
-        if self.num_tasks and task_ids is None:
-            return route(x)
-        return x, task_ids
+    def entry_site(self, training):
+        """Where rows without a task enter this block's routed part: -1
+        before its first layer (a per-task block, or one without stages),
+        the number of its first site that routes, or None (no routing)."""
+        if not self.routes_tasks(training):
+            return None
+        if self.num_tasks or type(self).stages is Block.stages:
+            return -1
+        return min(int(site) for site, layer in self.conditioned.items()
+                   if layer.routes_tasks(training))
+
+    def stages(self):
+        """The computation between the sites (see the class docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no `stages`.")
+
+    def call(self, x, task_ids=None, training=None, route=None):
+        if self.num_tasks and task_ids is None:  # routed before the first layer
+            x, task_ids = route(x)
+        return self.run_from(-1, (x,), task_ids, training, route)
+
+    def run_until(self, site, x, training):
+        """The state at site `site` (before it) of rows without a task."""
+        state = (x,)
+        for stage in self.stages()[:site + 1]:
+            state = stage(state, None, training)
+        return state
+
+    def run_from(self, site, state, task_ids, training, route):
+        """Runs the block from site `site` (its conditioned layer, then the
+        stages after it; -1: from the first stage) on `state`; returns the
+        output and the task of each row (None if not routed)."""
+        stages = self.stages()
+        for s in range(site, len(stages) - 1):
+            if s >= 0:
+                state, task_ids = self._site(s, state, task_ids, training, route)
+            state = stages[s + 1](state, task_ids, training)
+        return state[0], task_ids
 
     def conditioned_layers(self):
         return list(self.conditioned.values())
@@ -130,11 +169,14 @@ class Block(keras.layers.Layer):
                 "define `site_layers` (one convolution or dense layer per site).")
         return self.site_layers[site].kernel
 
-    def _site(self, site, x, task_ids, training, route):
+    def _site(self, site, state, task_ids, training, route):
         layer = self.conditioned.get(str(site))
-        if layer is None:
-            return x, task_ids
-        return apply_conditioned(layer, x, task_ids, training, route)
+        if layer is None or not layer.routes_tasks(training):
+            return state, task_ids
+        if task_ids is None:  # every tensor of the state enters the routed part
+            routed = [route(tensor) for tensor in state]
+            state, task_ids = [r[0] for r in routed], routed[0][1]
+        return (layer(state[0], task_ids, training=training), *state[1:]), task_ids
 
     def get_config(self):
         return {
@@ -193,13 +235,17 @@ class ConvUnit(Block):
                 "padding": self.padding, "pool_size": self.pool_size,
                 "activation": self.activation_name}
 
-    def call(self, x, task_ids=None, training=None, route=None):
-        x, task_ids = self._enter(x, task_ids, route)
-        x = _apply(self.conv, x, task_ids, training)
-        x = self.norm(x, task_ids, training=training)
-        x, task_ids = self._site(0, x, task_ids, training, route)
-        x = self.activation(x)
-        return (self.pool(x) if self.pool is not None else x), task_ids
+    def stages(self):
+        return self._convolve, self._activate
+
+    def _convolve(self, state, task_ids, training):
+        (x,) = state
+        return (self.norm(_apply(self.conv, x, task_ids, training), task_ids,
+                          training=training),)
+
+    def _activate(self, state, task_ids, training):
+        x = self.activation(state[0])
+        return (self.pool(x) if self.pool is not None else x),
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
@@ -225,11 +271,14 @@ class DenseUnit(Block):
         return {**super().get_config(), "units": self.units,
                 "activation": self.activation_name}
 
-    def call(self, x, task_ids=None, training=None, route=None):
-        x, task_ids = self._enter(x, task_ids, route)
-        x = _apply(self.dense, x, task_ids, training)
-        x, task_ids = self._site(0, x, task_ids, training, route)
-        return self.activation(x), task_ids
+    def stages(self):
+        return self._project, self._activate
+
+    def _project(self, state, task_ids, training):
+        return (_apply(self.dense, state[0], task_ids, training),)
+
+    def _activate(self, state, task_ids, training):
+        return (self.activation(state[0]),)
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
@@ -267,22 +316,28 @@ class ResidualUnit(Block):
         return {**super().get_config(), "filters": self.filters,
                 "strides": self.strides}
 
-    def call(self, x, task_ids=None, training=None, route=None):
-        x, task_ids = self._enter(x, task_ids, route)
+    def stages(self):
+        # The state is (residual branch, shortcut).
+        return self._first, self._second, self._merge
+
+    def _first(self, state, task_ids, training):
+        (x,) = state
         skip = x
         if self.shortcut is not None:
             subsample, conv, norm = self.shortcut
-            skip = _apply(conv, subsample(x), task_ids, training)
-            skip = norm(skip, task_ids, training=training)
-        h = self.norm1(_apply(self.conv1, x, task_ids, training), task_ids,
-                       training=training)
-        h, ids = self._site(0, h, task_ids, training, route)
-        h = _apply(self.conv2, keras.ops.relu(h), ids, training)
-        h = self.norm2(h, ids, training=training)
-        h, ids = self._site(1, h, ids, training, route)
-        if task_ids is None and ids is not None:  # routed inside this block
-            skip, _ = route(skip)
-        return keras.ops.relu(h + skip), ids
+            skip = norm(_apply(conv, subsample(x), task_ids, training), task_ids,
+                        training=training)
+        return self.norm1(_apply(self.conv1, x, task_ids, training), task_ids,
+                          training=training), skip
+
+    def _second(self, state, task_ids, training):
+        h, skip = state
+        h = _apply(self.conv2, keras.ops.relu(h), task_ids, training)
+        return self.norm2(h, task_ids, training=training), skip
+
+    def _merge(self, state, task_ids, training):
+        h, skip = state
+        return (keras.ops.relu(h + skip),)
 
 
 def run_layers(layers, x, route, training, task_ids=None):

@@ -5,11 +5,14 @@ for MPPS the fully shared backbone with every mask folded away (a mask is the
 identity at inference and is not traced), so the graph and its latency are
 those of a hard-sharing model; for L-SMTL only the encoders the gates chose,
 with no gate op. Only the variables that function reads are
-saved: no mask parameter, target, seed or optimizer state ships.
+saved: no mask parameter, target, seed or optimizer state ships. A model
+trained under mixed precision is exported computing in float32 (TFLite has no
+bfloat16 kernels; a float16 model is TFLite's own post-training choice).
 """
 
 import os
 
+import keras
 import tensorflow as tf
 
 
@@ -31,7 +34,7 @@ def export(model, directory):
 
     Returns the two paths.
     """
-    serve = serving_function(model)
+    serve = serving_function(in_float32(model))
     concrete = serve.get_concrete_function()
     module = tf.Module()
     # Track what the inference graph reads, and nothing else.
@@ -44,6 +47,35 @@ def export(model, directory):
     with open(tflite, "wb") as f:
         f.write(converter.convert())
     return saved, tflite
+
+
+def in_float32(model):
+    """`model`, or, if some layer of it computes in another dtype (a mixed
+    precision policy), a copy of it computing in float32 with its weights."""
+    if all(getattr(layer, "compute_dtype", "float32") == "float32"
+           for layer in model._flatten_layers()):
+        return model
+    config = keras.saving.serialize_keras_object(model)
+    config.pop("compile_config", None)
+    # Blocks make their sublayers under the global policy: float32 too.
+    policy = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("float32")
+    try:
+        twin = keras.saving.deserialize_keras_object(_float32_policies(config))
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def _float32_policies(config):
+    if isinstance(config, list):
+        return [_float32_policies(c) for c in config]
+    if not isinstance(config, dict):
+        return config
+    if config.get("class_name") == "DTypePolicy":
+        return "float32"
+    return {k: _float32_policies(v) for k, v in config.items()}
 
 
 def graph_op_types(saved_model_dir):

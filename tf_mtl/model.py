@@ -1,5 +1,8 @@
 """MultiTaskModel: one backbone, one head per task, task-routed batches."""
 
+import functools
+import weakref
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -7,9 +10,9 @@ import tensorflow as tf
 from tf_mtl import tasks as tasks_module
 from tf_mtl.backbones import Block, run_layers, run_tiled
 from tf_mtl.layers.passing import fold_passing, folded_passing
-from tf_mtl.layers.base import TaskConditioned, objective_scope
+from tf_mtl.layers.base import TaskConditioned, objective_scope, tile_tasks, tiled_rows
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
-from tf_mtl.training import ConditionedTraining
+from tf_mtl.training import ConditionedTraining, worker_logs
 
 
 ROUTINGS = ("tiled", "sequential")
@@ -47,11 +50,12 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
 
     - `"tiled"` (default): one pass over the T x B tiled rows. Fastest; the
       conditioned part keeps T times the activations of hard sharing.
-    - `"sequential"`: the stem runs once, then the conditioned part and head
-      of each task run on the B rows, each followed at once by its backward
-      pass, with gradients accumulated (stem gradients from the summed
-      feature gradients). Same FLOPs, activation memory close to hard
-      sharing. Batch normalisation in the conditioned part then sees each
+    - `"sequential"`: the stem (everything before the first site that
+      routes, the layers of its block before it included) runs once, then
+      the conditioned part and head of each task run on the B rows, each
+      followed at once by its backward pass, with gradients accumulated
+      (stem gradients from the summed gradients of its output). Same FLOPs,
+      activation memory close to hard sharing. Batch normalisation in the conditioned part then sees each
       task's pass on its own, as in the paper's T forward passes.
 
     Evaluation and inference always use one pass (`call`).
@@ -119,6 +123,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         )
         if task_frequencies is not None:
             self.set_task_frequencies(task_frequencies)
+        self._checked = weakref.WeakKeyDictionary()  # dataset -> its task counts
         self._loss_tracker = keras.metrics.Mean(name="loss")
         # Terms the conditioned layers add to the training objective (MPPS:
         # `kl`), logged apart: evaluation runs without them.
@@ -241,11 +246,20 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         return x, task_ids, dict(zip(self.task_names, parts))
 
     def _task_loss(self, task, y_true, y_pred):
-        """Per-example loss of one task; updates its metrics."""
+        """Per-example loss of one task; updates its metrics. Checks its
+        labels in the graph (what `check_dataset` could not see)."""
         if y_true.dtype.is_floating:
             y_true = tf.debugging.assert_all_finite(
                 y_true, f"NaN or Inf in the labels of task {task.name!r}"
             )
+        if task.classes is not None:
+            valid = tf.reduce_all((y_true >= 0) & (y_true < task.classes))
+            check = tf.debugging.Assert(valid, [
+                # No quotes: TensorFlow escapes them in the error message.
+                f"Task {task.name}: class ids outside 0..{task.classes - 1}:",
+                tf.boolean_mask(y_true, (y_true < 0) | (y_true >= task.classes))])
+            with tf.control_dependencies([check]):  # before the loss reads them
+                y_true = tf.identity(y_true)
         for metric in self._task_metrics[task.name][1:]:
             metric.update_state(y_true, y_pred)
         return tf.cast(task.loss(y_true, y_pred), tf.float32)
@@ -297,10 +311,18 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         losses = [self._task_loss(t, labels[t.name], preds[t.name]) for t in self.tasks]
         loss = self._objective(losses, rows, row_tasks, scope)
         self._track_loss(loss, x, scope.named)
+        if training:
+            self._check_finite(loss)
         return loss
 
+    def _check_finite(self, loss):
+        # In program order before the update, so no weight becomes NaN.
+        tf.debugging.Assert(tf.math.is_finite(loss), [
+            "The training objective is NaN or Inf at step", self.optimizer.iterations,
+            "(non-finite inputs, or a diverging run: lower the learning rate)."])
+
     def _logs(self):
-        return {m.name: m.result() for m in self.metrics}
+        return worker_logs({m.name: m.result() for m in self.metrics})
 
     def train_step(self, data):
         first = next((i for i, layer in enumerate(self.backbone)
@@ -316,29 +338,39 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
 
     def _sequential_gradients(self, data, first):
         """Gradients of the objective with one forward-backward pass of the
-        conditioned part per task (`routing="sequential"`)."""
+        routed part per task (`routing="sequential"`).
+
+        The stem, everything before the point where rows enter the routed
+        part (inside backbone layer `first` when that is a block entered at
+        a site), runs once; its gradients come from the tasks' summed
+        gradients of its output.
+        """
         x, _, labels = self._unpack(data)
-        stem, suffix = self.backbone[:first], self.backbone[first:]
+        block = self.backbone[first]
+        site = block.entry_site(True) if isinstance(block, Block) else -1
         with tf.GradientTape() as stem_tape:
-            shared, _ = run_layers(stem, x, None, True)  # no layer routes there
-        stem_ids = {id(v) for layer in stem for v in layer.trainable_variables}
+            stem, _ = run_layers(self.backbone[:first], x, None, True)  # nothing routes
+            stem = block.run_until(site, stem, True) if site >= 0 else (stem,)
         variables = self.trainable_variables
-        rest = [v for v in variables if id(v) not in stem_ids]
-        shared_grad = tf.zeros_like(shared)
-        accumulated = [tf.zeros_like(v) for v in rest]
-        batch = tf.shape(shared)[0]
+        stem_grads = [tf.zeros_like(s) for s in stem]
+        accumulated = [tf.zeros_like(v) for v in variables]
+        batch = tf.shape(x)[0]
         no_rows = tf.zeros([0], tf.int32)
         total, named = 0.0, {}
         for t, task in enumerate(self.tasks):
             # Task t starts once task t - 1 is done: its activations can go.
-            with tf.control_dependencies([shared_grad] + accumulated):
-                inputs = tf.identity(shared)
+            with tf.control_dependencies(stem_grads + accumulated):
+                inputs = [tf.identity(s) for s in stem]
+            route = functools.partial(tile_tasks, tasks=[t])
             with tf.GradientTape() as tape:
                 tape.watch(inputs)
-                row_tasks = tf.fill([batch], t)
-                with objective_scope() as scope:
-                    features, _ = run_layers(suffix, inputs,
-                                            lambda rows: (rows, row_tasks), True)
+                with objective_scope() as scope, tiled_rows([t]):
+                    if site >= 0:
+                        features, row_tasks = block.run_from(site, inputs, None, True, route)
+                        suffix = self.backbone[first + 1:]
+                    else:
+                        (features,), row_tasks, suffix = inputs, None, self.backbone[first:]
+                    features, row_tasks = run_layers(suffix, features, route, True, row_tasks)
                 pred = self.heads[task.name](features, training=True)
                 losses = [tf.zeros([0])] * self.num_tasks
                 losses[t] = self._task_loss(task, labels[task.name], pred)
@@ -346,19 +378,16 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                 rows[t] = tf.range(batch)
                 loss = self._objective(losses, rows, row_tasks, scope, regularized=t == 0)
                 scaled = self.optimizer.scale_loss(loss)
-            grads = tape.gradient(scaled, [inputs] + rest)
-            shared_grad += grads[0]
-            accumulated = [a if g is None else a + tf.convert_to_tensor(g)
-                           for a, g in zip(accumulated, grads[1:])]
+            grads = tape.gradient(scaled, inputs + variables)
+            stem_grads = _accumulate(stem_grads, grads[:len(inputs)])
+            accumulated = _accumulate(accumulated, grads[len(inputs):])
             total += loss
             for name, value in scope.named.items():
                 named[name] = named.get(name, 0.0) + value
         self._track_loss(total, x, named)
-        stem_vars = [v for v in variables if id(v) in stem_ids]
-        stem_grads = stem_tape.gradient(shared, stem_vars, output_gradients=shared_grad)
-        by_id = dict(zip(map(id, rest), accumulated))
-        by_id.update(zip(map(id, stem_vars), stem_grads))
-        return [by_id[id(v)] for v in variables]
+        self._check_finite(total)
+        return _accumulate(accumulated, stem_tape.gradient(list(stem), variables,
+                                                           output_gradients=stem_grads))
 
     def test_step(self, data):
         self._step(data, training=False)
@@ -385,13 +414,15 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             raise ValueError(
                 "MultiTaskModel reads labels from the dataset `x`; `y` must be None."
             )
-        self.check_dataset(x, "x")
+        counts = self.check_dataset(x, "x")
         if validation_data is not None:
             self.check_dataset(validation_data, "validation_data")
         if not self.jointly_labelled and not float(tf.reduce_sum(self.task_frequencies)):
-            from tf_mtl.data import task_counts
-
-            self.set_task_frequencies(task_counts(x, self.num_tasks))
+            if counts is None:
+                raise ValueError(
+                    "`x` is endless, so its N_t / N weights cannot be counted: "
+                    "pass `task_frequencies` to this non-jointly labelled model.")
+            self.set_task_frequencies(counts)
         return super().fit(self.training_batches(x), validation_data=validation_data,
                            **kwargs)
 
@@ -411,11 +442,22 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         return super().evaluate(x, **kwargs)
 
     def check_dataset(self, dataset, argument):
-        """Raises a ValueError naming the task, key or shape at fault when
-        `dataset` does not match this model's tasks and layout."""
+        """Raises a ValueError naming the task, key, value or batch at fault
+        when `dataset` does not fit this model (`tf_mtl.validation.
+        check_dataset`, one pass over the data); returns each task's number
+        of examples (None for endless data). `argument` names the data in
+        the errors. A dataset passes once: `fit` does not scan again data
+        a caller (e.g. `train.py`, naming its splits) has checked."""
         from tf_mtl import validation
 
-        validation.check_dataset(self, dataset, argument)
+        if not isinstance(dataset, tf.data.Dataset) or dataset not in self._checked:
+            self._checked[dataset] = validation.check_dataset(self, dataset, argument)
+        return self._checked[dataset]
+
+
+def _accumulate(sums, gradients):
+    """`sums + gradients`, where a None gradient (not connected) adds 0."""
+    return [s if g is None else s + tf.convert_to_tensor(g) for s, g in zip(sums, gradients)]
 
 
 def _check_routed_part(backbone):

@@ -39,6 +39,9 @@ class Task:
         metrics: the task's `Metric`s.
         label_shape: shape of one example's label (`()` for a class id); the
             model checks the data against it before training.
+        classes: the number of classes when a label is a class id (an
+            integer in `[0, classes)`, checked before and during training);
+            None for other labels.
         loss_weight: the task's weight in the summed objective (MPPS eq. 1).
         config: how to make the task again, `{"factory": name, **arguments}`;
             set by the factories of this module (`task_factory`), and needed
@@ -50,6 +53,7 @@ class Task:
     loss: Callable
     metrics: Sequence[Metric] = ()
     label_shape: tuple = ()
+    classes: int = None
     loss_weight: float = 1.0
     config: dict = dataclasses.field(default=None, compare=False)
 
@@ -134,5 +138,6 @@ def classification(name, num_classes, loss_weight=1.0):
         metrics=(
             Metric("accuracy", keras.metrics.SparseCategoricalAccuracy),
         ),
+        classes=int(num_classes),
         loss_weight=loss_weight,
     )

@@ -75,7 +75,10 @@ class ConditionedTraining:
             self._loss_tracker.update_state(loss * _replicas(), sample_weight=rows)
             scaled = self.optimizer.scale_loss(loss)
         self.apply_conditioned_gradients(tape.gradient(scaled, self.trainable_variables))
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return worker_logs(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+
+    def test_step(self, data):
+        return worker_logs(super().test_step(data))
 
     def _conditioned_terms(self, scope, contributions, sample_weight, rows):
         """The layers' terms, from each row's share `w_i * loss_i` of the loss."""
@@ -111,13 +114,20 @@ class ConditionedTraining:
         variables = self.trainable_variables if variables is None else variables
         owners = self._optimizer_of()
         # The model's optimizer unscales its own gradients (`scale_loss`); a
-        # dedicated optimizer gets them unscaled.
+        # dedicated optimizer gets them unscaled, and under dynamic loss
+        # scaling (mixed float16) none where the scaled ones overflowed: the
+        # step the loss-scale optimizer skips, it skips too.
         unscale = 1.0 / self.optimizer.scale_loss(tf.constant(1.0))
+        present = [g for g in gradients if g is not None]
+        finite = tf.constant(True)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer) and present:
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in present])
         groups = {}
         for gradient, variable in zip(gradients, variables, strict=True):
             optimizer = owners[id(variable)]
             if optimizer is not self.optimizer and gradient is not None:
                 gradient = tf.convert_to_tensor(gradient) * unscale
+                gradient = tf.where(finite, gradient, tf.zeros_like(gradient))
             groups.setdefault(id(optimizer), (optimizer, []))[1].append(
                 (gradient, variable))
         for optimizer, pairs in groups.values():
@@ -148,6 +158,40 @@ class ConditionedTraining:
         self.build_optimizer()
         callbacks = list(callbacks or []) + order_callbacks(x)
         return super().fit(x, *args, callbacks=callbacks, **kwargs)
+
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3 (3.15; keras-team/keras#19246) learns the data's shapes by
+        # averaging the first distributed batch over the replicas, which
+        # fails when they hold different numbers of rows (a global batch not
+        # divisible by the replicas, or a short last batch). One replica's
+        # rows have the shapes it needs.
+        strategy = self._distribute_strategy
+        if iterator is not None and strategy is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v,
+                    next(batches))
+                break
+            iterator = None
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+
+def worker_logs(logs):
+    """A step's logs as `fit` can reduce them on every strategy.
+
+    Keras 3 (3.15) reduces the logs of a multi-worker step with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails on the scalars
+    every step returns (tensorflow/tensorflow#72388): there they get an axis
+    of one element per replica, over which the reduction means as it does
+    elsewhere.
+    """
+    strategy = tf.distribute.get_strategy()
+    if not (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode()):
+        return logs
+    return {name: tf.reshape(value, [1]) for name, value in logs.items()}
 
 
 def _replicas():

@@ -34,10 +34,17 @@ def _structure_error(model, argument, spec):
 
 
 def check_dataset(model, dataset, argument):
-    """Raises an error naming the task, key or shape at fault when `dataset`
-    does not fit `model`: wrong layout, unknown or missing task, wrong rank or
-    shape, empty data, NaN labels or task ids out of range in the first batch.
-    Later NaN labels are caught in the training step itself.
+    """Raises an error naming the task, key, value or batch at fault when
+    `dataset` does not fit `model`, before any step runs; returns the number
+    of examples of each task (None when the data are endless).
+
+    Checked from the element spec: the layout, unknown or missing tasks,
+    ranks and shapes, class ids of a floating dtype. Then one pass over the
+    data (the first batch only of an endless dataset) checks every batch:
+    inputs and floating labels finite, class ids in `[0, classes)`, task ids
+    in range, and counts each task's examples. What the pass cannot see
+    (batches of an endless dataset after its first) the training step checks
+    in the graph (`MultiTaskModel._task_loss`).
     """
     if not isinstance(dataset, tf.data.Dataset):
         raise TypeError(
@@ -77,31 +84,57 @@ def check_dataset(model, dataset, argument):
         _check_shape(id_spec, (), "Task ids", argument)
         for name, shape in label_shapes.items():
             _check_shape(label_spec, shape, f"Labels of task {name!r}", argument)
+        label_specs = {name: label_spec for name in model.task_names}
+    for task in model.tasks:
+        dtype = label_specs[task.name].dtype
+        if task.classes is not None and not dtype.is_integer:
+            raise ValueError(
+                f"Labels of task {task.name!r} in `{argument}` are {dtype.name}: "
+                f"class ids must be integers in [0, {task.classes}) "
+                "(a float label would be truncated; cast them on purpose, "
+                "e.g. tf.cast(label, tf.int32), if they are whole numbers).")
     _check_shape(x_spec, model.example_shape, "Inputs", argument)
-    _check_first_batch(model, dataset, argument)
+    return _check_batches(model, dataset, argument)
 
 
-def _check_first_batch(model, dataset, argument):
-    batch = next(iter(dataset.take(1)), None)
-    if batch is None:
+def _check_batches(model, dataset, argument):
+    endless = dataset.cardinality() == tf.data.INFINITE_CARDINALITY
+    counts = np.zeros(model.num_tasks, np.int64)
+    batches = dataset.take(1) if endless else dataset
+    for index, batch in enumerate(batches.as_numpy_iterator()):
+        where = f"batch {index} of `{argument}`"
+        x = batch[0]
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            example = int(np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(1))[0])
+            raise ValueError(f"NaN or Inf in the inputs of {where} (its example "
+                             f"{example}).")
+        if model.jointly_labelled:
+            labels = batch[1]
+            counts += len(x)
+        else:
+            task_ids, y = batch[1], batch[2]
+            bad = task_ids[(task_ids < 0) | (task_ids >= model.num_tasks)]
+            if bad.size:
+                raise ValueError(
+                    f"Task id {int(bad[0])} in {where} is out of range: the "
+                    f"model has tasks 0..{model.num_tasks - 1} = "
+                    f"{list(model.task_names)}."
+                )
+            labels = {name: y[task_ids == t] for t, name in enumerate(model.task_names)}
+            counts += np.bincount(task_ids, minlength=model.num_tasks)
+        for task in model.tasks:
+            _check_labels(task, labels[task.name], where)
+    if not endless and not counts.any():
         raise ValueError(f"`{argument}` is empty: it yields no batch.")
-    if model.jointly_labelled:
-        labels = batch[1]
-    else:
-        task_ids = batch[1].numpy()
-        bad = task_ids[(task_ids < 0) | (task_ids >= model.num_tasks)]
+    return None if endless else counts
+
+
+def _check_labels(task, y, where):
+    if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
+        raise ValueError(f"NaN or Inf in the labels of task {task.name!r} in {where}.")
+    if task.classes is not None:
+        bad = y[(y < 0) | (y >= task.classes)]
         if bad.size:
             raise ValueError(
-                f"Task id {int(bad[0])} in `{argument}` is out of range: the "
-                f"model has tasks 0..{model.num_tasks - 1} = "
-                f"{list(model.task_names)}."
-            )
-        labels = dict(zip(
-            model.task_names,
-            tf.dynamic_partition(batch[2], tf.cast(batch[1], tf.int32), model.num_tasks),
-        ))
-    for name, y in labels.items():
-        if y.dtype.is_floating and not np.isfinite(y.numpy()).all():
-            raise ValueError(
-                f"NaN or Inf in the labels of task {name!r} in `{argument}`."
-            )
+                f"Label {bad.flat[0]} of task {task.name!r} in {where} is out of "
+                f"range: its class ids are 0..{task.classes - 1}.")

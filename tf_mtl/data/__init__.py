@@ -23,6 +23,7 @@ models take `callbacks=order_callbacks(train)`).
 """
 
 import dataclasses
+import functools
 import typing
 
 import numpy as np
@@ -78,16 +79,16 @@ def _slice(arrays, start, stop):
     return tf.nest.map_structure(lambda array: array[start:stop], arrays)
 
 
-def _fashion_splits(seed, data_dir, limit):
-    data = fashion_mnist.load_fashion_mnist(data_dir)
+def _fashion_splits(seed, fashion, limit):
+    data = fashion()
     splits = fashion_mnist.split_fashion_mnist(data, seed)
     return {name: _slice(arrays, 0, limit) for name, arrays in splits.items()}
 
 
 def _seeded_builder(make):
     """Builds each Fashion-MNIST split with `make(images, labels, seed)`."""
-    def build(seed, data_dir, limit):
-        splits = _fashion_splits(seed, data_dir, limit)
+    def build(seed, fashion, limit):
+        splits = _fashion_splits(seed, fashion, limit)
         # One draw per split, so that MultiFashion partners stay within their split.
         split_seeds = np.random.SeedSequence(seed).spawn(len(splits))
         return {
@@ -100,8 +101,8 @@ def _seeded_builder(make):
     return build
 
 
-def _build_fashion_groups(seed, data_dir, limit):
-    splits = _fashion_splits(seed, data_dir, limit)
+def _build_fashion_groups(seed, fashion, limit):
+    splits = _fashion_splits(seed, fashion, limit)
     return {
         name: fashion_groups.make_fashion_groups(images, labels)
         for name, (images, labels) in splits.items()
@@ -115,8 +116,8 @@ def _synthetic_builder(make):
     training split carries over to the others.
     """
 
-    def build(seed, data_dir, limit):
-        del data_dir  # Synthetic data is made, not read.
+    def build(seed, fashion, limit):
+        del fashion  # Synthetic data is made, not read.
         pool = make(
             sum(SYNTHETIC_SPLIT_SIZES.values()),
             SYNTHETIC_NUM_TASKS,
@@ -136,8 +137,9 @@ def _synthetic_builder(make):
 class _Dataset(typing.NamedTuple):
     """What `load` needs to know of a dataset.
 
-    `build(seed, data_dir, limit)` returns a dict mapping each split name to
-    the nested structure of numpy arrays of the split's examples.
+    `build(seed, fashion, limit)` returns a dict mapping each split name to
+    the nested structure of numpy arrays of the split's examples; `fashion()`
+    reads Fashion-MNIST (`load_fashion_mnist`).
     """
 
     build: typing.Callable
@@ -187,7 +189,7 @@ def _to_dataset(arrays, batch_size):
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def load(name, batch_size=128, seed=0, data_dir=None, limit=None):
+def load(name, batch_size=128, seed=0, data_dir=None, limit=None, download=False):
     """Loads a multi-task dataset as batched `tf.data` pipelines.
 
     Args:
@@ -210,6 +212,8 @@ def load(name, batch_size=128, seed=0, data_dir=None, limit=None):
             run sees the batches an uninterrupted one sees.
         data_dir: Folder holding the Fashion-MNIST IDX files; see
             `load_fashion_mnist`. Unused by the synthetic datasets.
+        download: Whether Fashion-MNIST may come from TensorFlow Datasets
+            (which downloads it) when its IDX files are not found.
         limit: If set, keeps at most `limit` examples per split, for fast
             runs. MultiFashion partners are then drawn among the kept
             examples.
@@ -235,7 +239,8 @@ def load(name, batch_size=128, seed=0, data_dir=None, limit=None):
     if limit is not None:
         _utils.check_int("limit", limit, 1)
     spec = _DATASETS[name]
-    splits = spec.build(seed, data_dir, limit)
+    fashion = functools.partial(fashion_mnist.load_fashion_mnist, data_dir, download)
+    splits = spec.build(seed, fashion, limit)
     return MultiTaskData(
         train=ordering.epoch_shuffled(splits["train"], batch_size, seed),
         validation=_to_dataset(splits["validation"], batch_size),

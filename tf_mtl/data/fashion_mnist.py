@@ -97,6 +97,8 @@ def read_idx(path):
 
 
 def _find_idx_file(data_dir, name):
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"The folder {data_dir} does not exist.")
     for candidate in (name + ".gz", name):
         path = os.path.join(data_dir, candidate)
         if os.path.isfile(path):
@@ -117,8 +119,23 @@ def _load_idx_dir(data_dir):
                 f"(N,) in {data_dir}. Received images of shape "
                 f"{images.shape} and labels of shape {labels.shape}."
             )
-        splits.append((images.astype(np.uint8), labels.astype(np.int64)))
+        splits.append((_as_pixels(images, os.path.join(data_dir, images_name)),
+                       labels.astype(np.int64)))
     return tuple(splits)
+
+
+def _as_pixels(images, path):
+    """The images as uint8; an IDX file may hold floats, which must be
+    whole numbers in [0, 255] to be Fashion-MNIST pixels."""
+    if images.dtype == np.uint8:
+        return images
+    flat = images.reshape(len(images), -1)
+    bad = ~np.all(np.isfinite(flat) & (flat >= 0) & (flat <= 255) & (flat == np.round(flat)), 1)
+    if bad.any():
+        raise ValueError(
+            f"{path}: image {int(np.flatnonzero(bad)[0])} holds values that are not "
+            "pixels (NaN, Inf, fractions or values outside [0, 255]).")
+    return images.astype(np.uint8)
 
 
 def _load_tfds():
@@ -138,17 +155,19 @@ def _load_tfds():
     return tuple(result)
 
 
-def load_fashion_mnist(data_dir=None):
+def load_fashion_mnist(data_dir=None, download=False):
     """Loads the official Fashion-MNIST training and test sets.
 
     Reads the four IDX files (`train-images-idx3-ubyte`, ...; gzipped or
-    not) from `data_dir`. If they are not there, falls back to
-    `tensorflow_datasets`, which downloads the dataset the first time.
+    not) from `data_dir`. With `download`, when they are not there, takes
+    the dataset from `tensorflow_datasets` instead, which downloads it the
+    first time (into `~/tensorflow_datasets`).
 
     Args:
         data_dir: Folder holding the IDX files. Defaults to
             `DEFAULT_DATA_DIR`, where Debian's `dataset-fashion-mnist`
             package installs them.
+        download: Whether to fall back to TensorFlow Datasets.
 
     Returns:
         `((x_train, y_train), (x_test, y_test))`: uint8 images of shape
@@ -156,24 +175,29 @@ def load_fashion_mnist(data_dir=None):
         N = 60,000 for training and 10,000 for test.
 
     Raises:
-        FileNotFoundError: If the IDX files are missing and
-            `tensorflow_datasets` cannot provide the data either.
+        FileNotFoundError: If the IDX files are missing (and, with
+            `download`, `tensorflow_datasets` cannot provide the data
+            either).
     """
     data_dir = DEFAULT_DATA_DIR if data_dir is None else data_dir
     try:
         return _load_idx_dir(data_dir)
     except FileNotFoundError as idx_error:
+        help = ("To get the data, install the IDX files with `apt-get install "
+                "dataset-fashion-mnist` or point `--data_dir=` / `data_dir` to a "
+                "folder holding them")
+        if not download:
+            raise FileNotFoundError(
+                f"Fashion-MNIST could not be loaded. {idx_error} {help}, or allow "
+                "TensorFlow Datasets to download them (`--download` / "
+                "`download=True`; needs a network).") from None
         try:
             return _load_tfds()
         except Exception as tfds_error:
             raise FileNotFoundError(
-                f"Fashion-MNIST could not be loaded. {idx_error} "
-                "To get the data, either install the IDX files with "
-                "`apt-get install dataset-fashion-mnist` (or point "
-                "`--data_dir=` / `data_dir` to a folder holding them), or "
-                "let TensorFlow Datasets (`tfds.load('fashion_mnist')`) "
-                "download them, which needs a network. TensorFlow Datasets "
-                f"failed with: {type(tfds_error).__name__}: {tfds_error}"
+                f"Fashion-MNIST could not be loaded. {idx_error} {help}. "
+                "TensorFlow Datasets could not download them either: "
+                f"{type(tfds_error).__name__}: {tfds_error}"
             ) from tfds_error
 
 

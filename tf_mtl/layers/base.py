@@ -131,6 +131,16 @@ class TaskConditioned(keras.layers.Layer):
 
     # What a model logs the layer's objective terms as (None: not logged).
     objective_name = None
+    # A layer whose state is probabilities, a partition or gates computes in
+    # float32 under a mixed precision policy (its inputs are cast): the
+    # log-probabilities of MPPS's score function and the KL lose too much in
+    # float16, and the cost is one cast of the activations at the site.
+    float32_state = False
+
+    def __init__(self, **kwargs):
+        if self.float32_state:
+            kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
 
     def routes_tasks(self, training):
         return True

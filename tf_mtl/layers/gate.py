@@ -50,6 +50,8 @@ class EncoderGate(TaskConditioned):
     >>> y = EncoderGate(num_tasks=3, lite=True)(public, private, task_ids)
     """
 
+    float32_state = True
+
     def __init__(self, num_tasks, lite=False, tau=0.1, seed=None, **kwargs):
         super().__init__(**kwargs)
         if int(num_tasks) < 1:

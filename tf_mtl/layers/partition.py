@@ -52,6 +52,8 @@ class ChannelPartition(TaskConditioned):
     >>> y = ChannelPartition(num_tasks=3, sharing_ratio=0.5)(x, task_ids)
     """
 
+    float32_state = True
+
     def __init__(self, num_tasks, sharing_ratio=0.5, seed=None, **kwargs):
         super().__init__(**kwargs)
         if int(num_tasks) < 1:

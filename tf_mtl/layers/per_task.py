@@ -98,7 +98,7 @@ class PerTaskLayer(TaskConditioned):
         neutral = neutral_matrix(self.passing_variant,
                                  matrix_size(self.passing, self.num_tasks, channels))
         self.passing_matrix = self.add_weight(
-            shape=neutral.shape, name="passing_matrix",
+            shape=neutral.shape, name="passing_matrix", autocast=False,
             initializer=lambda shape, dtype=None: neutral)
 
     def _neutral(self):
@@ -119,8 +119,11 @@ class PerTaskLayer(TaskConditioned):
         return self._passed(value)
 
     def _passed(self, value):
-        return pass_weights(tf.convert_to_tensor(value), tf.convert_to_tensor(
-            self.passing_matrix), self.passing, self.passing_variant)
+        # In float32 (A is float32 state), then in the weight's own dtype.
+        value = tf.convert_to_tensor(value)
+        passed = pass_weights(tf.cast(value, tf.float32), tf.cast(
+            self.passing_matrix, tf.float32), self.passing, self.passing_variant)
+        return tf.cast(passed, value.dtype)
 
     def set_back(self):
         """`W <- W'` for every passed weight, then A passes nothing (eq. 7):
@@ -315,8 +318,11 @@ class PerTaskBatchNormalization(PerTaskLayer):
         for name, init, trainable in [("gamma", "ones", True), ("beta", "zeros", True),
                                       ("moving_mean", "zeros", False),
                                       ("moving_variance", "ones", False)]:
-            setattr(self, name, self.add_weight(shape=shape, name=name, initializer=init,
-                                                trainable=trainable))
+            # float32 under mixed precision too, like Keras' BatchNormalization;
+            # moving statistics averaged over replicas (`TaskBatchNormalization`).
+            setattr(self, name, self.add_weight(
+                shape=shape, name=name, initializer=init, trainable=trainable,
+                autocast=False, aggregation="none" if trainable else "mean"))
         self._build_passing(x_shape[-1])
 
     def call(self, x, task_ids, training=None):

@@ -36,6 +36,14 @@ class TaskBatchNormalization(keras.layers.BatchNormalization):
     >>> y = TaskBatchNormalization()(x, task_ids)
     """
 
+    def add_weight(self, *args, **kwargs):
+        # The moving statistics: under tf.distribute each replica's update is
+        # averaged over the replicas, so every replica (and worker) keeps the
+        # same statistics, where Keras leaves each with its own shard's.
+        if not kwargs.get("trainable", True):
+            kwargs.setdefault("aggregation", "mean")
+        return super().add_weight(*args, **kwargs)
+
     def call(self, inputs, task_ids=None, training=None, mask=None):
         if task_ids is None or not training or not self.trainable:
             return super().call(inputs, training=training, mask=mask)
