@@ -50,9 +50,10 @@ flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"]
                   "tf.distribute strategy: default (one device), mirrored (all local "
                   "devices) or multi_worker (the devices of every worker of the cluster "
                   "in TF_CONFIG).")
-flags.DEFINE_enum("routing", "tiled", ["tiled", "sequential"],
+flags.DEFINE_enum("routing", None, ["tiled", "sequential"],
                   "How jointly labelled batches cross task-conditioned layers: one "
-                  "tiled pass (fastest) or one pass per task (least memory).")
+                  "tiled pass (fastest) or one pass per task (least memory); default: "
+                  "the method's (sequential for MPPS, tiled for the others).")
 flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"],
                   "Keras dtype policy: float16 or bfloat16 computation with float32 "
                   "weights (float16 with loss scaling); the methods' masks, gates, "

@@ -1,6 +1,7 @@
 """How strong is the task signal that reaches MPPS's Phi, against the KL?
 
-    .venv/bin/python benchmarks/mask_signal.py [seed [sample_per]] > benchmarks/mask_signal.md
+    (.venv/bin/python benchmarks/mask_signal.py 0 task; echo;
+     .venv/bin/python benchmarks/mask_signal.py 0 example) > benchmarks/mask_signal.md
 
 On `multifashion_texture` (left, right: two related item tasks; texture: an
 unrelated one), an MPPS+B model (the quality budget's LeNet) is trained for
@@ -51,7 +52,7 @@ def measure(seed, sample_per):
     mf = datasets.load("multifashion_texture", 128, seed, limit=LIMIT)
     tasks = [classification(n, k) for n, k in mf.task_classes.items()]
     model = progressive_sharing(backbones.lenet(WIDTH), tasks, (28, 28, 1), seed=seed,
-                                sample_per=sample_per)
+                                sample_per=sample_per, routing="tiled")
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     scheduler = ExclusiveCapacityScheduler(EPOCHS, "linear", 1, 1)
     stop = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: setattr(

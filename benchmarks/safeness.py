@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 from _runs import train
+from quality import PAPER_MPPS
+
 SEEDS = (0, 1, 2)
 DATASET = "multifashion_texture"
 BUDGET = ["--epochs=6", "--limit=20000", "--batch_size=128", "--backbone=lenet",
@@ -29,7 +31,7 @@ METHODS = {
     "L-SMTL": ["--method=lsmtl"],
     "SMTL_c": ["--method=smtl_c"],
     "L-SMTL_c": ["--method=lsmtl_c"],
-    "MPPS+B": ["--method=mpps"],
+    "MPPS+B": PAPER_MPPS,
 }
 
 

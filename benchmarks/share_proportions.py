@@ -21,14 +21,22 @@ distance between the EC of Phi and the target's over those epochs and mask
 layers: how closely Phi follows the schedule. The default is chosen on the
 validation split; test accuracy is reported beside it. The figure
 (`share_proportions.png`) shows both proportions per layer and epoch, mean
-over seeds, for the paper's setting and the chosen one.
+over seeds, for every configuration.
+
+Whether a configuration should become the default is then checked where the
+default job runs: the paper's setting against the best one here, on
+MultiFashion and FashionGroups with the quality benchmark's budget
+(`defaults_table`, validation and test accuracy).
 """
 
 import os
+import re
 import sys
 
 import numpy as np
 from _runs import ROOT, train
+from quality import BUDGET as QUALITY_BUDGET
+from quality import DATASETS, PAPER_MPPS
 
 sys.path.insert(0, ROOT)
 
@@ -38,26 +46,30 @@ from tf_mtl.plots import share_proportions  # noqa: E402
 SEEDS = (0, 1, 2)
 EPOCHS = 10
 BUDGET = ["--dataset=multifashion_texture", f"--epochs={EPOCHS}", "--limit=20000",
-          "--batch_size=128", "--backbone=lenet", "--method=mpps"]
+          "--batch_size=128", "--backbone=lenet"]
+HELD = [*PAPER_MPPS, "--mpps_hold_capacity", "--mpps_beta=0.01"]  # later flags win
 CONFIGS = {
-    "paper: free Phi, beta 1, a mask per task": [],
-    "held capacity, beta 0.01, a mask per task": [
-        "--mpps_hold_capacity", "--mpps_beta=0.01"],
-    "held capacity, beta 0.01, a mask per example": [
-        "--mpps_hold_capacity", "--mpps_beta=0.01", "--mpps_sample_per=example"],
+    "paper: free Phi, beta 1, a mask per task": PAPER_MPPS,
+    "held capacity, beta 0.01, a mask per task": HELD,
+    "held capacity, beta 0.01, a mask per example": [*HELD, "--mpps_sample_per=example"],
     "held capacity, beta 0.01, a mask per example, Phi lr 0.05": [
-        "--mpps_hold_capacity", "--mpps_beta=0.01", "--mpps_sample_per=example",
-        "--mpps_mask_learning_rate=0.05"],
+        *HELD, "--mpps_sample_per=example", "--mpps_mask_learning_rate=0.05"],
 }
+# Beside the paper's setting and the best one in the default check: which of
+# the best one's changes matters.
+PER_EXAMPLE = {"paper's, but a mask per example": [*PAPER_MPPS, "--mpps_sample_per=example"]}
 # (owner, guest a, guest b): phi_a / (phi_a + phi_b), related guest first.
 RELATED = {"on left's channels: right / (right + texture)": (0, 1, 2),
            "on right's channels: left / (left + texture)": (1, 0, 2)}
 TASKS = ("left", "right", "texture")
 
 
+def run_name(config):
+    return re.sub("[^a-z0-9.]+", "_", config.lower()).strip("_")
+
+
 def run(config, seed):
-    name = CONFIGS[config] and "_".join(f.lstrip("-") for f in CONFIGS[config]) or "paper"
-    return train(os.path.join("share", name, str(seed)),
+    return train(os.path.join("share", run_name(config), str(seed)),
                  [*BUDGET, f"--seed={seed}", *CONFIGS[config]])
 
 
@@ -79,18 +91,20 @@ def schedule_gap(records):
 
 
 def main():
-    print(f"Seeds {SEEDS}; {' '.join(BUDGET)}; MPPS defaults otherwise (linear "
-          "schedule, 1 frozen epoch at each end). Accuracy: mean over the three "
+    print(f"Seeds {SEEDS}; {' '.join(BUDGET)}; MPPS flags of each configuration in "
+          "share_proportions.py, defaults otherwise (linear schedule, 1 frozen epoch at "
+          "each end). Accuracy: mean over the three "
           "tasks, %; all: mean +- std over seeds.\n")
     keys = list(RELATED)
     print("| configuration | validation acc. (last epoch) | test acc. | "
           + " | ".join(keys) + " | \\|EC - target\\| |")
     print("|---" * (4 + len(keys)) + "|")
-    curves = {}
+    curves, validations = {}, {}
     for config in CONFIGS:
         runs = [run(config, seed) for seed in SEEDS]
         history = [h["history"] for _, h, _ in runs]
         validation = [np.mean([h[f"val_{t}_accuracy"][-1] for t in TASKS]) for h in history]
+        validations[config] = validation
         test = [np.mean([r[f"{t}_accuracy"] for t in TASKS]) for r, _, _ in runs]
         records = [intermediate(h["mpps"]) for _, h, _ in runs]
         shares = [proportions(r) for r in records]
@@ -101,6 +115,28 @@ def main():
               + " | ".join(cell([s[k].mean() for s in shares]) for k in keys)
               + f" | {max(schedule_gap(r) for r in records):.4f} |", flush=True)
     figure(curves, os.path.join(ROOT, "benchmarks", "share_proportions.png"))
+    defaults_table(best=max(CONFIGS, key=lambda c: np.mean(validations[c])))
+
+
+def defaults_table(best):
+    print(f"\nThe paper's setting against the best on validation above ({best}), "
+          f"{' '.join(QUALITY_BUDGET)}; accuracy averaged over the "
+          "tasks, %.\n")
+    print("| data set | configuration | validation (last epoch) | test |")
+    print("|---|---|---|---|")
+    candidates = {**CONFIGS, **PER_EXAMPLE}
+    for dataset in DATASETS:
+        for config in ("paper: free Phi, beta 1, a mask per task", best, *PER_EXAMPLE):
+            flags = candidates[config]
+            runs = [train(os.path.join("share_defaults", dataset, run_name(config), str(seed)),
+                          [f"--dataset={dataset}", f"--seed={seed}", *QUALITY_BUDGET,
+                           *flags]) for seed in SEEDS]
+            tasks = sorted(k[:-9] for k in runs[0][0] if k.endswith("_accuracy"))
+            validation = [np.mean([h["history"][f"val_{t}_accuracy"][-1] for t in tasks])
+                          for _, h, _ in runs]
+            test = [np.mean([r[f"{t}_accuracy"] for t in tasks]) for r, _, _ in runs]
+            cell = lambda v: f"{100 * np.mean(v):.2f} +- {100 * np.std(v):.2f}"
+            print(f"| {dataset} | {config} | {cell(validation)} | {cell(test)} |", flush=True)
 
 
 def figure(curves, path):

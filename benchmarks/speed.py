@@ -233,27 +233,31 @@ def measure_passing(backbone, num_tasks, passing, blocks=7, steps=10):
 
 
 PRECISION_METHODS = {
-    "HPS": lambda backbone, tasks: hard_sharing(backbone(), tasks, SHAPE),
-    "MPPS": lambda backbone, tasks: progressive_sharing(backbone(), tasks, SHAPE),
-    "SMTL": lambda backbone, tasks: safe_sharing(backbone, tasks, SHAPE),
-    "MR": lambda backbone, tasks: maximum_roaming(backbone(), tasks, SHAPE),
-    "PPNet": lambda backbone, tasks: parameter_passing(backbone, tasks, SHAPE),
+    "HPS": lambda backbone, tasks, joint: hard_sharing(backbone(), tasks, SHAPE, joint),
+    "MPPS": lambda backbone, tasks, joint: progressive_sharing(backbone(), tasks, SHAPE,
+                                                               joint, routing="tiled"),
+    "SMTL": lambda backbone, tasks, joint: safe_sharing(backbone, tasks, SHAPE, joint),
+    "MR": lambda backbone, tasks, joint: maximum_roaming(backbone(), tasks, SHAPE, joint),
+    "PPNet": lambda backbone, tasks, joint: parameter_passing(backbone, tasks, SHAPE, joint),
 }
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
-def measure_precision(build, num_tasks=2, blocks=7, steps=10):
+def measure_precision(build, num_tasks=2, blocks=3, steps=3):
     """A method's step (LeNet, jointly labelled) under each dtype policy, and
-    in float32 compiled by XLA."""
+    in float32 compiled by XLA. (Not jointly labelled, the tasks' partitions
+    change size every batch and XLA compiles again for each new size: too
+    slow to time here.)"""
     tasks = [classification(f"task_{t}", 3) for t in range(num_tasks)]
     runs = {}
     for policy in POLICIES:
         keras.mixed_precision.set_dtype_policy(policy)
         try:
-            runs[policy] = _trainer(build(backbones.lenet, tasks), num_tasks, True)
+            runs[policy] = _trainer(build(backbones.lenet, tasks, True), num_tasks, True)
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
-    runs["xla"] = _trainer(build(backbones.lenet, tasks), num_tasks, True, jit_compile=True)
+    runs["xla"] = _trainer(build(backbones.lenet, tasks, True), num_tasks, True,
+                           jit_compile=True)
     return _step_times(runs, blocks, steps)
 
 
@@ -362,7 +366,8 @@ def passing_table():
 
 def precision_table():
     print("\nMixed precision and XLA: each method's train step (LeNet, T = 2) over "
-          "its float32 step, one run.\n")
+          "its float32 step, one run, median of 3 blocks of 3 steps (float16 is "
+          "slow on this CPU).\n")
     print("| method | float32 ms/step | mixed_float16 | mixed_bfloat16 | float32, XLA |")
     print("|---|---|---|---|---|")
     for name, build in PRECISION_METHODS.items():

@@ -18,6 +18,12 @@ from tf_mtl.training import ConditionedTraining, worker_logs
 ROUTINGS = ("tiled", "sequential")
 
 
+def routing_option(routing):
+    """`{"routing": routing}` for a builder, or `{}` (None: the builder's
+    own default)."""
+    return {} if routing is None else {"routing": routing}
+
+
 def all_replicas_sum(value):
     context = tf.distribute.get_replica_context()
     if context is None:  # cross-replica context: nothing to reduce

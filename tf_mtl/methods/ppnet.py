@@ -15,7 +15,7 @@ ParameterPassing`. Task heads are never passed. The baselines (B.2):
 """
 
 from tf_mtl.layers.passing import passing_spec
-from tf_mtl.model import MultiTaskModel
+from tf_mtl.model import MultiTaskModel, routing_option
 
 
 def parameter_passing(backbone, tasks, input_shape, jointly_labelled=True, passing="layer",
@@ -83,7 +83,7 @@ def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epoc
         backbone, tasks, input_shape, jointly_labelled,
         passing=schedule and flag_values.ppnet_passing, variant=flag_values.ppnet_variant,
         conv_only=flag_values.ppnet_conv_only, learning_rate=flag_values.ppnet_passing_lr,
-        kernel_regularizer=regularizer, routing=flag_values.routing)
+        kernel_regularizer=regularizer, **routing_option(flag_values.routing))
     if schedule is None:
         return model, []
     return model, [ParameterPassing(flag_values.ppnet_period, flag_values.ppnet_period_unit,

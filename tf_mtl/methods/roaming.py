@@ -11,7 +11,7 @@ in training and at inference, where each task keeps its own mask.
 
 from tf_mtl.backbones import sites
 from tf_mtl.layers.partition import ChannelPartition
-from tf_mtl.model import MultiTaskModel
+from tf_mtl.model import MultiTaskModel, routing_option
 
 
 def maximum_roaming(backbone, tasks, input_shape, jointly_labelled=True,
@@ -61,7 +61,7 @@ def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epoc
 
     model = maximum_roaming(backbone(), tasks, input_shape, jointly_labelled,
                             flag_values.sharing_ratio, flag_values.seed,
-                            routing=flag_values.routing)
+                            **routing_option(flag_values.routing))
     completion = flag_values.roaming_completion if roaming else 0.0
     return model, [MaximumRoaming(flag_values.roaming_interval, completion,
                                   flag_values.roaming_selection)]
