@@ -133,7 +133,9 @@ class Block(keras.layers.Layer):
 
     def stages(self):
         """The computation between the sites (see the class docstring)."""
-        raise NotImplementedError(f"{type(self).__name__} defines no `stages`.")
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no `stages`: define them, or override "
+            "`call` (the block is then routed before its first layer).")
 
     def call(self, x, task_ids=None, training=None, route=None):
         if self.num_tasks and task_ids is None:  # routed before the first layer
@@ -171,12 +173,13 @@ class Block(keras.layers.Layer):
 
     def _site(self, site, state, task_ids, training, route):
         layer = self.conditioned.get(str(site))
-        if layer is None or not layer.routes_tasks(training):
+        if layer is None:
             return state, task_ids
-        if task_ids is None:  # every tensor of the state enters the routed part
-            routed = [route(tensor) for tensor in state]
-            state, task_ids = [r[0] for r in routed], routed[0][1]
-        return (layer(state[0], task_ids, training=training), *state[1:]), task_ids
+        x, routed = apply_conditioned(layer, state[0], task_ids, training, route)
+        carried = state[1:]
+        if task_ids is None and routed is not None:  # the rest enters with it
+            carried = [route(tensor)[0] for tensor in carried]
+        return (x, *carried), routed
 
     def get_config(self):
         return {
