@@ -83,8 +83,11 @@ flags.DEFINE_bool("deterministic", False,
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from tf_mtl import aggregation, weighting  # noqa: E402
 from tf_mtl.methods import hps, mpps, ppnet, roaming, smtl  # noqa: E402
 
+weighting.define_flags()
+aggregation.define_flags()
 mpps.define_flags()
 smtl.define_flags()
 roaming.define_flags()
@@ -98,6 +101,15 @@ ppnet.define_flags()
 def _frozen_epochs_fit(values):
     frozen = [values[k] or 0 for k in ("mpps_frozen_start", "mpps_frozen_end")]
     return values["method"] != "mpps" or sum(frozen) <= values["epochs"]
+@flags.multi_flags_validator(
+    ["smtl_bilevel", "weighting", "aggregator"],
+    message="Bi-level Safe MTL (--smtl_bilevel) trains on the summed task losses: it "
+            "takes no --weighting or --aggregator.")
+def _bilevel_takes_no_objective(values):
+    return not values["smtl_bilevel"] or (values["weighting"] is None
+                                          and values["aggregator"] is None)
+
+
 METHODS = {
     "hps": hps.from_flags, "mpps": mpps.from_flags, "smtl": smtl.from_flags,
     "lsmtl": functools.partial(smtl.from_flags, lite=True),
@@ -252,7 +264,11 @@ def _fit(model, strategy, train, validation, test, callbacks, name=None):
     for split, data in (("training", train), ("validation", validation), ("test", test)):
         model.check_dataset(data, f"the {split} split")  # all before the first step
     with strategy.scope():  # the optimizer's variables are mirrored too
-        model.compile(optimizer=_optimizer(), jit_compile=FLAGS.jit_compile)
+        model.compile(optimizer=_optimizer(), jit_compile=FLAGS.jit_compile,
+                      weighting=weighting.from_flags(FLAGS),
+                      aggregator=aggregation.from_flags(FLAGS),
+                      aggregate_on=FLAGS.aggregate_on,
+                      per_task_gradients=FLAGS.per_task_gradients)
     where = lambda folder: os.path.join(FLAGS.output_dir, folder, *([name] if name else []))
     tracked = {type(c).__name__: c for c in callbacks if hasattr(c, "history")}
     checkpoint = Checkpoint(where("checkpoint"), where("logs"), tracked,

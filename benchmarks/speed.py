@@ -1,6 +1,7 @@
 """Train-step time and peak memory of MPPS against hard sharing, of
-per-task weights against separate models, of Safe MTL's bi-level step and of
-Maximum Roaming and of PPNet's phases, one process.
+per-task weights against separate models, of Safe MTL's bi-level step, of
+Maximum Roaming, of PPNet's phases and of the loss weightings and gradient
+aggregators, one process.
 
     .venv/bin/python benchmarks/speed.py > benchmarks/speed.md   # every table
     .venv/bin/python benchmarks/speed.py per_task                 # one of them
@@ -103,8 +104,9 @@ def _batch(num_tasks, jointly, size=BATCH):
     return tf.data.Dataset.from_tensors(data).repeat()
 
 
-def _trainer(model, num_tasks, jointly, size=BATCH, heldout=False, jit_compile=False):
-    model.compile(optimizer="adam", jit_compile=jit_compile)
+def _trainer(model, num_tasks, jointly, size=BATCH, heldout=False, jit_compile=False,
+             **objective):
+    model.compile(optimizer="adam", jit_compile=jit_compile, **objective)
     if not jointly:
         model.set_task_frequencies(np.ones(num_tasks))
     model.make_train_function()
@@ -261,6 +263,44 @@ def measure_precision(build, num_tasks=2, blocks=3, steps=3):
     return _step_times(runs, blocks, steps)
 
 
+# name: compile options of the objective (tf_mtl.weighting, tf_mtl.aggregation)
+OBJECTIVES = {
+    "EW": {},
+    "DWA": dict(weighting="dwa"),
+    "UW": dict(weighting="uw"),
+    "GradNorm (parameters)": dict(weighting="gradnorm"),
+    "PCGrad (parameters, loop)": dict(aggregator="pcgrad"),
+    "PCGrad (parameters, vectorized)": dict(aggregator="pcgrad",
+                                            per_task_gradients="vectorized"),
+    "PCGrad (representation)": dict(aggregator="pcgrad", aggregate_on="representation"),
+    "CAGrad (parameters)": dict(aggregator="cagrad"),
+    "MGDA-UB (representation)": dict(aggregator="mgda", aggregate_on="representation"),
+    "GradDrop (representation)": dict(aggregator="graddrop", aggregate_on="representation"),
+}
+
+
+def measure_objectives(backbone, num_tasks, blocks=5, steps=5):
+    """Each objective's step on hard sharing and on MPPS (its default,
+    sequential routing), and HPS's forward pass alone."""
+    tasks = [classification(f"task_{t}", 3) for t in range(num_tasks)]
+    builders = {"HPS": lambda: hard_sharing(backbone(), tasks, SHAPE),
+                "MPPS": lambda: progressive_sharing(backbone(), tasks, SHAPE, num_masked=6)}
+    runs = {(sharing, name): _trainer(build(), num_tasks, True, **options)
+            for sharing, build in builders.items() for name, options in OBJECTIVES.items()}
+    hps = builders["HPS"]()
+    x = next(iter(_batch(num_tasks, True)))[0]
+    forward = tf.function(lambda: hps(x, training=True))
+
+    def run_forward(steps):
+        for _ in range(steps):
+            out = forward()
+        float(out["task_0"][0, 0])
+
+    run_forward(2)
+    runs["forward"] = run_forward
+    return _step_times(runs, blocks, steps)
+
+
 def main(sections):
     keras.utils.set_random_seed(0)
     if "mpps" in sections:
@@ -275,6 +315,8 @@ def main(sections):
         passing_table()
     if "precision" in sections:
         precision_table()
+    if "objectives" in sections:
+        objectives_table()
 
 
 def mpps_table():
@@ -378,5 +420,26 @@ def precision_table():
               + " |", flush=True)
 
 
+def objectives_table():
+    print("\nLoss weighting and gradient aggregation: each objective's train step "
+          "over plain hard sharing's (EW on HPS), one run, median of 5 blocks of 5 "
+          "steps. LibMTL's gradient methods cost T backward passes of the shared "
+          "part: the bound column is HPS's step with T backward passes, "
+          "`(F + T (S - F)) / S`, S its step and F its forward pass, measured.\n")
+    for name, backbone, num_tasks, _ in SETTINGS:
+        step = measure_objectives(backbone, num_tasks)
+        base = step[("HPS", "EW")]
+        bound = (step["forward"] + num_tasks * (base - step["forward"])) / base
+        print(f"\n{name}, T = {num_tasks}: HPS {1e3 * base:.1f} ms/step, "
+              f"T backward passes bound {bound:.2f}\n")
+        print("| objective | HPS | MPPS |")
+        print("|---|---|---|")
+        for objective in OBJECTIVES:
+            print(f"| {objective} | " + " | ".join(
+                f"{step[(sharing, objective)] / base:.2f}" for sharing in ("HPS", "MPPS"))
+                + " |", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["mpps", "per_task", "bilevel", "roaming", "passing", "precision"])
+    main(sys.argv[1:] or ["mpps", "per_task", "bilevel", "roaming", "passing", "precision",
+                          "objectives"])

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import tf_mtl
-from tf_mtl import backbones
+from tf_mtl import backbones, routing
 from tf_mtl.layers import ProgressiveMask, TaskBatchNormalization
 from tf_mtl.tasks import classification
 
@@ -108,9 +108,10 @@ def _routed(model, mask, data, sequential=False):
         mask.forced = m
         if sequential:
             first = next(i for i, l in enumerate(model.backbone) if l.routes_tasks(True))
-            model._loss_tracker.reset_state()
-            grad = model._sequential_gradients(data, first)[index]
-            values.append(float(model._loss_tracker.result()))
+            x, _, labels = model._unpack(data)
+            step = routing.sequential_gradients(model, x, labels, first, tf.ones([2]), False)
+            grad = step.gradients[index]
+            values.append(float(step.objective))
         else:
             with tf.GradientTape() as tape:
                 loss = model._step(data, training=True)

@@ -264,6 +264,23 @@ def test_sequential_routing_flag_trains(tmp_path):
     assert_export(out / "export")
 
 
+def test_weighting_and_aggregator_flags_train_and_log_the_task_weights(tmp_path):
+    out = run_train(tmp_path, "--method=mpps", "--dataset=synthetic", "--weighting=dwa",
+                    "--dwa_temperature=3", "--aggregator=cagrad", "--cagrad_c=0.4",
+                    "--aggregate_on=representation", "--mpps_frozen_start=0",
+                    "--mpps_frozen_end=0")
+    history = read_json(out / "history.json")["history"]
+    assert history["task_0_weight"] == [1.0] and history["task_1_weight"] == [1.0]
+    assert_task_accuracies(read_json(out / "results.json"))
+    model = keras.saving.load_model(out / "model.keras")
+    assert model.weighting.temperature == 3 and model.aggregator.c == 0.4
+
+
+def test_bilevel_safe_mtl_with_a_weighting_is_a_flag_error():
+    with flagsaver.flagsaver(), pytest.raises(flags.IllegalFlagValueError, match="Bi-level"):
+        FLAGS(["train.py", "--method=smtl", "--smtl_bilevel", "--weighting=uw"])
+
+
 def test_rerun_continues_and_noresume_starts_over(tmp_path):
     run_train(tmp_path, "--method=hps", "--dataset=synthetic")
     run_train(tmp_path, "--method=hps", "--dataset=synthetic", "--epochs=2")

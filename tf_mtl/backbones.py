@@ -360,10 +360,11 @@ def run_layers(layers, x, route, training, task_ids=None):
     return x, task_ids
 
 
-def run_tiled(layers, x, tasks, training):
+def run_tiled(layers, x, tasks, training, wrap=None):
     """`run_layers` on a jointly labelled batch serving `tasks` (T: tasks
     0 .. T-1; or a sequence of task ids): tiled at the first layer that
-    routes (`tile_tasks`).
+    routes (`tile_tasks`), through `wrap(route)` when given (a
+    `tf_mtl.task_gradients.RepresentationTap` recording the rows).
 
     A per-task twin (`is_per_task(layers)`) shares nothing between tasks,
     so it runs instead as one pass of B rows per task, each on `x` itself:
@@ -371,8 +372,9 @@ def run_tiled(layers, x, tasks, training):
     around every layer (what T separate models cost).
     """
     if not is_per_task(layers):
+        route = lambda rows: tile_tasks(rows, tasks)
         with tiled_rows(tasks):
-            return run_layers(layers, x, lambda rows: tile_tasks(rows, tasks), training)
+            return run_layers(layers, x, wrap(route) if wrap else route, training)
     outputs = []
     for task in task_blocks(tasks):
         with tiled_rows([task]):

@@ -1,34 +1,21 @@
 """MultiTaskModel: one backbone, one head per task, task-routed batches."""
 
-import functools
 import weakref
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_mtl import aggregation, objective, task_gradients, weighting as weightings
 from tf_mtl import tasks as tasks_module
-from tf_mtl.backbones import Block, run_layers, run_tiled
+from tf_mtl.aggregation import Sum
+from tf_mtl.backbones import run_layers, run_tiled
+from tf_mtl.layers.base import objective_scope, tile_tasks
 from tf_mtl.layers.passing import fold_passing, folded_passing
-from tf_mtl.layers.base import TaskConditioned, objective_scope, tile_tasks, tiled_rows
-from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
+from tf_mtl.routing import (
+    ROUTINGS, accumulate, check_routed_part, first_routed_layer, one_pass_gradients,
+    sequential_gradients)
 from tf_mtl.training import ConditionedTraining, worker_logs
-
-
-ROUTINGS = ("tiled", "sequential")
-
-
-def routing_option(routing):
-    """`{"routing": routing}` for a builder, or `{}` (None: the builder's
-    own default)."""
-    return {} if routing is None else {"routing": routing}
-
-
-def all_replicas_sum(value):
-    context = tf.distribute.get_replica_context()
-    if context is None:  # cross-replica context: nothing to reduce
-        return value
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
@@ -113,7 +100,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                 f"task names: {names}"
             )
         self.backbone = list(backbone)
-        _check_routed_part(self.backbone)
+        check_routed_part(self.backbone)
         self.tasks = tasks
         self.task_names = tuple(names)
         self.example_shape = tuple(input_shape)
@@ -142,6 +129,9 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             + [m.build(f"{task.name}_{m.name}") for m in task.metrics]
             for task in tasks
         }
+        self.weighting = self.aggregator = None
+        self._weight_trackers = []
+        self.aggregate_on, self.per_task_gradients = "parameters", "loop"
         self(np.zeros((1,) + self.example_shape, "float32"))
 
     def get_config(self):
@@ -175,7 +165,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
     def metrics(self):
         return [self._loss_tracker, *self._term_trackers.values()] + [
             m for metrics in self._task_metrics.values() for m in metrics
-        ]
+        ] + self._weight_trackers
 
     def set_task_frequencies(self, frequencies):
         """Sets N_t / N from counts or frequencies of each task."""
@@ -191,15 +181,25 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
 
     # -- forward -----------------------------------------------------------
 
-    def features(self, x, task_ids=None, training=False):
+    def features(self, x, task_ids=None, training=False, tap=None):
         """Runs the backbone on a batch serving every task (`task_ids` None)
         or on rows of the given tasks; returns the features and the task of
-        each row (None when every row serves every task)."""
+        each row (None when every row serves every task).
+
+        A `tf_mtl.task_gradients.RepresentationTap` records where rows enter
+        the routed part; with nothing routed in the backbone they enter it
+        before the heads."""
         if task_ids is not None:
-            features, routed = run_layers(self.backbone, x, lambda r: (r, task_ids),
-                                          training)
-            return features, task_ids if routed is None else routed
-        return run_tiled(self.backbone, x, self.num_tasks, training)
+            route = lambda rows: (rows, task_ids)
+            route = tap.wrap(route) if tap else route
+            features, routed = run_layers(self.backbone, x, route, training)
+        else:
+            route = lambda rows: tile_tasks(rows, self.num_tasks)
+            features, routed = run_tiled(self.backbone, x, self.num_tasks, training,
+                                         tap and tap.wrap)
+        if tap is not None and routed is None:
+            features, routed = tap.wrap(route)(features)
+        return features, task_ids if routed is None else routed
 
     def _heads(self, features, row_tasks, training, tiled):
         """Per-task predictions, and each task's row indices when routed
@@ -234,8 +234,13 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         return call
 
     # -- training ----------------------------------------------------------
+    #
+    # A step reads as: per-task losses (`forward_objective`) -> weighting
+    # (`tf_mtl.weighting`) -> gradients, per task where needed
+    # (`tf_mtl.routing`, `tf_mtl.task_gradients`) -> aggregation
+    # (`tf_mtl.aggregation`) -> optimizers (`apply_conditioned_gradients`).
 
-    def _task_weights(self):
+    def _base_weights(self):
         weights = tf.constant([t.loss_weight for t in self.tasks], tf.float32)
         if self.jointly_labelled:
             return weights
@@ -251,72 +256,48 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         parts = tf.dynamic_partition(y, task_ids, self.num_tasks)
         return x, task_ids, dict(zip(self.task_names, parts))
 
-    def _task_loss(self, task, y_true, y_pred):
-        """Per-example loss of one task; updates its metrics. Checks its
-        labels in the graph (what `check_dataset` could not see)."""
-        if y_true.dtype.is_floating:
-            y_true = tf.debugging.assert_all_finite(
-                y_true, f"NaN or Inf in the labels of task {task.name!r}"
-            )
-        if task.classes is not None:
-            valid = tf.reduce_all((y_true >= 0) & (y_true < task.classes))
-            check = tf.debugging.Assert(valid, [
-                # No quotes: TensorFlow escapes them in the error message.
-                f"Task {task.name}: class ids outside 0..{task.classes - 1}:",
-                tf.boolean_mask(y_true, (y_true < 0) | (y_true >= task.classes))])
-            with tf.control_dependencies([check]):  # before the loss reads them
-                y_true = tf.identity(y_true)
-        for metric in self._task_metrics[task.name][1:]:
-            metric.update_state(y_true, y_pred)
-        return tf.cast(task.loss(y_true, y_pred), tf.float32)
+    def task_loss(self, task, y_true, y_pred):
+        """Per-example loss of one task (`tf_mtl.objective.task_loss`)."""
+        return objective.task_loss(task, y_true, y_pred, self._task_metrics[task.name][1:])
 
-    def _objective(self, losses, rows, row_tasks, scope, regularized=True):
-        """This replica's share of the objective.
+    def split_objective(self, losses, rows, row_tasks, scope, weights, regularized=True):
+        """`(task_losses, rest)` of this replica (`tf_mtl.objective.
+        split_objective`); `regularized`: whether to add the weight
+        regularizers (once per step)."""
+        return objective.split_objective(
+            losses, rows, row_tasks, scope, self._base_weights(), weights,
+            [m[0] for m in self._task_metrics.values()],
+            self.losses if regularized else ())
 
-        `losses[t]` holds the per-row losses of task t, `rows[t]` their rows
-        (None when every row serves every task); `scope` the conditioned
-        layers' records of the forward pass; `regularized`: whether to add
-        the weight regularizers (once per step). Updates the per-task loss
-        metrics.
-        """
-        counts = tf.stack([tf.cast(tf.size(l), tf.float32) for l in losses])
-        global_counts = tf.maximum(all_replicas_sum(counts), 1.0)
-        weights = self._task_weights()
-        sums = tf.stack([tf.reduce_sum(l) for l in losses])
-        loss = tf.reduce_sum(weights * sums / global_counts)
-        for task, total, count in zip(self.tasks, tf.unstack(sums), tf.unstack(counts)):
-            self._task_metrics[task.name][0].update_state(
-                tf.math.divide_no_nan(total, count), sample_weight=count
-            )
-        if scope.records:
-            row_losses = tf.dynamic_stitch(rows, losses)
-            row_weights = tf.gather(weights / global_counts, row_tasks)
-            loss += scope.terms(row_losses, row_weights)
-        if regularized and self.losses:  # weight regularizers: one share per replica
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            loss += tf.add_n(self.losses) / replicas
-        return loss
+    def forward_objective(self, x, task_ids, labels, weights, tap=None, training=True):
+        """One pass over every task's rows: `(task_losses, rest, named terms)`."""
+        with objective_scope() as scope:
+            features, row_tasks = self.features(x, task_ids, training, tap)
+        preds, rows = self._heads(features, row_tasks, training, tiled=task_ids is None)
+        losses = [self.task_loss(t, labels[t.name], preds[t.name]) for t in self.tasks]
+        task_losses, rest = self.split_objective(losses, rows, row_tasks, scope, weights)
+        return task_losses, rest, scope.named
 
     def _track_loss(self, loss, x, named=None):
         # `loss` is this replica's share of the objective: scaled by the
         # number of replicas and weighted alike on each, their mean is the
         # objective, whatever share of the batch each replica holds. So are
         # the layers' `named` terms.
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        global_batch = all_replicas_sum(tf.cast(tf.shape(x)[0], tf.float32))
+        replicas = objective.num_replicas()
+        global_batch = objective.all_replicas_sum(tf.cast(tf.shape(x)[0], tf.float32))
         for tracker, value in [(self._loss_tracker, loss)] + [
                 (self._term_trackers[n], v) for n, v in (named or {}).items()]:
             tracker.update_state(value * replicas, sample_weight=global_batch / replicas)
 
     def _step(self, data, training):
-        """Loss of one batch in one pass (this replica's share)."""
+        """The objective of one batch in one pass, equal weights (this
+        replica's share); tracked."""
         x, task_ids, labels = self._unpack(data)
-        with objective_scope() as scope:
-            features, row_tasks = self.features(x, task_ids, training)
-        preds, rows = self._heads(features, row_tasks, training, tiled=task_ids is None)
-        losses = [self._task_loss(t, labels[t.name], preds[t.name]) for t in self.tasks]
-        loss = self._objective(losses, rows, row_tasks, scope)
-        self._track_loss(loss, x, scope.named)
+        ones = tf.ones([self.num_tasks])
+        task_losses, rest, named = self.forward_objective(x, task_ids, labels, ones,
+                                                          training=training)
+        loss = tf.reduce_sum(task_losses) + rest
+        self._track_loss(loss, x, named)
         if training:
             self._check_finite(loss)
         return loss
@@ -330,70 +311,61 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
     def _logs(self):
         return worker_logs({m.name: m.result() for m in self.metrics})
 
+    def shared_variable_indices(self):
+        """Indices in `trainable_variables` of the parameters an aggregator
+        acts on with `aggregate_on="parameters"`: the backbone's, except
+        those a conditioned layer trains with an optimizer of its own."""
+        owners = self._optimizer_of()
+        backbone = {id(v) for layer in self.backbone for v in layer.trainable_variables}
+        return [i for i, v in enumerate(self.trainable_variables)
+                if id(v) in backbone and owners[id(v)] is self.optimizer]
+
     def train_step(self, data):
-        first = next((i for i, layer in enumerate(self.backbone)
-                      if _routes_tasks(layer, True)), None)
-        if self.routing == "sequential" and self.jointly_labelled and first is not None:
-            gradients = self._sequential_gradients(data, first)
+        x, task_ids, labels = self._unpack(data)
+        weighting = self.weighting
+        with tf.GradientTape() as weighting_tape:
+            weights = tf.ones([self.num_tasks]) if weighting is None \
+                else weighting.task_weights()
+        fixed = tf.stop_gradient(weights)
+        per_task = self.aggregator is not None or getattr(weighting, "needs_gramian", False)
+        first = first_routed_layer(self.backbone, True)
+        if self.routing == "sequential" and task_ids is None and first is not None:
+            step = sequential_gradients(self, x, labels, first, fixed, per_task)
         else:
-            with tf.GradientTape() as tape:
-                loss = self.optimizer.scale_loss(self._step(data, training=True))
-            gradients = tape.gradient(loss, self.trainable_variables)
+            step = one_pass_gradients(self, x, task_ids, labels, fixed, per_task)
+        gradients, gramian, loss = step.gradients, None, step.objective
+        if step.jacobian is not None:
+            update, gramian = task_gradients.aggregate(
+                self.aggregator or Sum(), step.jacobian, self.aggregate_on)
+            gradients = accumulate(gradients, step.apply(update))
+        if weighting is not None:
+            gradients, extra = self._weighting_gradients(
+                weighting_tape, weights, step.losses, gramian, gradients)
+            loss += extra
+        self._track_loss(loss, x, step.named)
+        self._check_finite(loss)
         self.apply_conditioned_gradients(gradients)
         return self._logs()
 
-    def _sequential_gradients(self, data, first):
-        """Gradients of the objective with one forward-backward pass of the
-        routed part per task (`routing="sequential"`).
-
-        The stem, everything before the point where rows enter the routed
-        part (inside backbone layer `first` when that is a block entered at
-        a site), runs once; its gradients come from the tasks' summed
-        gradients of its output.
-        """
-        x, _, labels = self._unpack(data)
-        block = self.backbone[first]
-        site = block.entry_site(True) if isinstance(block, Block) else -1
-        with tf.GradientTape() as stem_tape:
-            stem, _ = run_layers(self.backbone[:first], x, None, True)  # nothing routes
-            stem = block.run_until(site, stem, True) if site >= 0 else (stem,)
-        variables = self.trainable_variables
-        stem_grads = [tf.zeros_like(s) for s in stem]
-        accumulated = [tf.zeros_like(v) for v in variables]
-        batch = tf.shape(x)[0]
-        no_rows = tf.zeros([0], tf.int32)
-        total, named = 0.0, {}
-        for t, task in enumerate(self.tasks):
-            # Task t starts once task t - 1 is done: its activations can go.
-            with tf.control_dependencies(stem_grads + accumulated):
-                inputs = [tf.identity(s) for s in stem]
-            route = functools.partial(tile_tasks, tasks=[t])
-            with tf.GradientTape() as tape:
-                tape.watch(inputs)
-                with objective_scope() as scope, tiled_rows([t]):
-                    if site >= 0:
-                        features, row_tasks = block.run_from(site, inputs, None, True, route)
-                        suffix = self.backbone[first + 1:]
-                    else:
-                        (features,), row_tasks, suffix = inputs, None, self.backbone[first:]
-                    features, row_tasks = run_layers(suffix, features, route, True, row_tasks)
-                pred = self.heads[task.name](features, training=True)
-                losses = [tf.zeros([0])] * self.num_tasks
-                losses[t] = self._task_loss(task, labels[task.name], pred)
-                rows = [no_rows] * self.num_tasks
-                rows[t] = tf.range(batch)
-                loss = self._objective(losses, rows, row_tasks, scope, regularized=t == 0)
-                scaled = self.optimizer.scale_loss(loss)
-            grads = tape.gradient(scaled, inputs + variables)
-            stem_grads = _accumulate(stem_grads, grads[:len(inputs)])
-            accumulated = _accumulate(accumulated, grads[len(inputs):])
-            total += loss
-            for name, value in scope.named.items():
-                named[name] = named.get(name, 0.0) + value
-        self._track_loss(total, x, named)
-        self._check_finite(total)
-        return _accumulate(accumulated, stem_tape.gradient(list(stem), variables,
-                                                           output_gradients=stem_grads))
+    def _weighting_gradients(self, tape, weights, task_losses, gramian, gradients):
+        """Updates the weighting with the step's global losses, adds the
+        gradients of its own variables; returns them and its extra term
+        (this replica's share)."""
+        losses = tf.stop_gradient(objective.all_replicas_sum(task_losses))
+        scale = self.optimizer.scale_loss(tf.constant(1.0))
+        if gramian is not None:  # of the scaled losses' gradients
+            gramian = gramian / scale ** 2
+        replicas = objective.num_replicas()
+        with tape:
+            extra = self.weighting.update(losses, weights, gramian) / replicas
+            own = (tf.reduce_sum(weights * losses) / replicas + extra) * scale
+        for tracker, weight in zip(self._weight_trackers, tf.unstack(weights)):
+            tracker.update_state(weight)
+        own_variables = self.weighting.trainable_variables
+        if own_variables:
+            found = dict(zip(map(id, own_variables), tape.gradient(own, own_variables)))
+            gradients = [found.get(id(v), g) for v, g in zip(self.trainable_variables, gradients)]
+        return gradients, extra
 
     def test_step(self, data):
         self._step(data, training=False)
@@ -402,20 +374,76 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
     # -- checks before any step runs ---------------------------------------
 
     def compile(self, optimizer="adam", loss=None, metrics=None, jit_compile=False,
-                **kwargs):
+                weighting=None, aggregator=None, aggregate_on="parameters",
+                per_task_gradients="loop", **kwargs):
         """Keras' `compile`; losses and metrics come from the `Task`s.
 
-        `jit_compile` defaults to False: the routed step has data-dependent
-        shapes (task partitions) that XLA would recompile for.
+        Args:
+            weighting: a `tf_mtl.weighting.Weighting` (or its name, e.g.
+                `"dwa"`): how the task losses are weighted. None: their sum
+                (each times its `Task.loss_weight`), weights not logged.
+            aggregator: a `tf_mtl.aggregation.Aggregator` (or its name,
+                e.g. `"pcgrad"`): how the task gradients combine into one
+                update. None: their sum, from one backward pass.
+            aggregate_on: where the aggregator (and GradNorm) acts:
+                `"parameters"`, every shared parameter (the backbone's), or
+                `"representation"`, the rows where the tasks' paths split
+                (`tf_mtl.task_gradients`; cheaper: one backward pass and one
+                more of the stem).
+            per_task_gradients: how task gradients of the parameters are
+                computed: `"loop"`, one backward pass per task, or
+                `"vectorized"`, one `pfor`-vectorised Jacobian.
+            jit_compile: defaults to False: the routed step has
+                data-dependent shapes (task partitions) that XLA would
+                recompile for.
+
+        Whatever the sharing method, the weighting applies to the task
+        losses only: a method's own terms (MPPS's KL, a regulariser) join
+        the objective unweighted, MPPS's score function sees the weighted
+        losses, and variables trained by an optimizer of their own (MPPS's
+        Phi) get their plain gradient, never an aggregated one.
         """
         if loss is not None or metrics is not None:
             raise ValueError(
                 "MultiTaskModel takes its losses and metrics from its Tasks; "
                 "do not pass `loss` or `metrics` to compile."
             )
+        if aggregate_on not in task_gradients.AGGREGATE_ON:
+            raise ValueError(f"`aggregate_on` must be one of {task_gradients.AGGREGATE_ON}. "
+                             f"Received: aggregate_on={aggregate_on!r}")
+        if per_task_gradients not in task_gradients.PER_TASK_GRADIENTS:
+            raise ValueError(
+                f"`per_task_gradients` must be one of {task_gradients.PER_TASK_GRADIENTS}. "
+                f"Received: per_task_gradients={per_task_gradients!r}")
+        weighting = None if weighting is None else weightings.get(weighting)
+        aggregator = None if aggregator is None else aggregation.get(aggregator)
+        with self.distribute_strategy.scope():
+            for part in (weighting, aggregator):
+                if part is not None and not part.built:
+                    part.build(self.num_tasks)
+            trackers = [] if weighting is None else [
+                keras.metrics.Mean(name=f"{name}_weight") for name in self.task_names]
+        # The model is built; its state grows by the objective's, which it
+        # then saves and checkpoints with its own.
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        self.weighting, self.aggregator, self._weight_trackers = weighting, aggregator, trackers
+        if locked:
+            self._tracker.lock()
+        self.aggregate_on, self.per_task_gradients = aggregate_on, per_task_gradients
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
 
-    def fit(self, x=None, y=None, validation_data=None, **kwargs):
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config:
+            serialize = keras.saving.serialize_keras_object
+            config.update(weighting=serialize(self.weighting),
+                          aggregator=serialize(self.aggregator),
+                          aggregate_on=self.aggregate_on,
+                          per_task_gradients=self.per_task_gradients)
+        return config
+
+    def fit(self, x=None, y=None, validation_data=None, callbacks=None, **kwargs):
         if y is not None:
             raise ValueError(
                 "MultiTaskModel reads labels from the dataset `x`; `y` must be None."
@@ -429,8 +457,10 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                     "`x` is endless, so its N_t / N weights cannot be counted: "
                     "pass `task_frequencies` to this non-jointly labelled model.")
             self.set_task_frequencies(counts)
+        if self.weighting is not None:  # first: a checkpoint at an epoch's end sees it
+            callbacks = [weightings.EpochCallback(self.weighting)] + list(callbacks or [])
         return super().fit(self.training_batches(x), validation_data=validation_data,
-                           **kwargs)
+                           callbacks=callbacks, **kwargs)
 
     def training_batches(self, x):
         """What `train_step` receives from `fit(x)`: `x`'s batches. (A
@@ -459,29 +489,3 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         if not isinstance(dataset, tf.data.Dataset) or dataset not in self._checked:
             self._checked[dataset] = validation.check_dataset(self, dataset, argument)
         return self._checked[dataset]
-
-
-def _accumulate(sums, gradients):
-    """`sums + gradients`, where a None gradient (not connected) adds 0."""
-    return [s if g is None else s + tf.convert_to_tensor(g) for s, g in zip(sums, gradients)]
-
-
-def _check_routed_part(backbone):
-    """Refuses a plain batch normalisation after the first conditioned layer:
-    its statistics would mix the rows of different tasks."""
-    conditioned = False
-    for layer in backbone:
-        conditioned = conditioned or (
-            isinstance(layer, TaskConditioned)
-            or isinstance(layer, Block) and bool(layer.conditioned_layers()))
-        if conditioned and isinstance(layer, keras.layers.BatchNormalization) \
-                and not isinstance(layer, TaskBatchNormalization):
-            raise ValueError(
-                f"Backbone layer {layer.name!r} is a BatchNormalization after a "
-                "task-conditioned layer: its batch statistics would mix the "
-                "tasks' rows. Use tf_mtl.layers.TaskBatchNormalization there."
-            )
-
-
-def _routes_tasks(layer, training):
-    return isinstance(layer, (Block, TaskConditioned)) and layer.routes_tasks(training)

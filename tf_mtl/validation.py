@@ -44,7 +44,7 @@ def check_dataset(model, dataset, argument):
     inputs and floating labels finite, class ids in `[0, classes)`, task ids
     in range, and counts each task's examples. What the pass cannot see
     (batches of an endless dataset after its first) the training step checks
-    in the graph (`MultiTaskModel._task_loss`).
+    in the graph (`tf_mtl.objective.task_loss`).
     """
     if not isinstance(dataset, tf.data.Dataset):
         raise TypeError(

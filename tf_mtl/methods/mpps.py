@@ -9,7 +9,8 @@ use the fully shared backbone.
 
 from tf_mtl.backbones import sites
 from tf_mtl.layers.progressive_mask import ProgressiveMask
-from tf_mtl.model import MultiTaskModel, routing_option
+from tf_mtl.model import MultiTaskModel
+from tf_mtl.routing import routing_option
 
 
 def progressive_sharing(backbone, tasks, input_shape, jointly_labelled=True,

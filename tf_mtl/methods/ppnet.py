@@ -15,7 +15,8 @@ ParameterPassing`. Task heads are never passed. The baselines (B.2):
 """
 
 from tf_mtl.layers.passing import passing_spec
-from tf_mtl.model import MultiTaskModel, routing_option
+from tf_mtl.model import MultiTaskModel
+from tf_mtl.routing import routing_option
 
 
 def parameter_passing(backbone, tasks, input_shape, jointly_labelled=True, passing="layer",

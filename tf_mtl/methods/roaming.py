@@ -11,7 +11,8 @@ in training and at inference, where each task keeps its own mask.
 
 from tf_mtl.backbones import sites
 from tf_mtl.layers.partition import ChannelPartition
-from tf_mtl.model import MultiTaskModel, routing_option
+from tf_mtl.model import MultiTaskModel
+from tf_mtl.routing import routing_option
 
 
 def maximum_roaming(backbone, tasks, input_shape, jointly_labelled=True,

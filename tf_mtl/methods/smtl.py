@@ -20,7 +20,8 @@ import tensorflow as tf
 from tf_mtl.backbones import Block, run_layers, run_tiled
 from tf_mtl.layers.base import tiled_tasks
 from tf_mtl.layers.gate import EncoderGate
-from tf_mtl.model import MultiTaskModel, all_replicas_sum
+from tf_mtl.model import MultiTaskModel
+from tf_mtl.objective import all_replicas_sum
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
@@ -184,6 +185,15 @@ class SafeSharing(MultiTaskModel):
         return [l for l in self.conditioned_layers if isinstance(l, EncoderGate)]
 
     # -- bi-level training ---------------------------------------------------
+
+    def compile(self, optimizer="adam", weighting=None, aggregator=None, **kwargs):
+        if self.bilevel and (weighting is not None or aggregator is not None):
+            raise ValueError(
+                "Bi-level SafeSharing trains on the summed task losses (its "
+                "hypergradient step is eq. 5 of the paper): it takes no `weighting` "
+                f"or `aggregator`. Received: weighting={weighting!r}, "
+                f"aggregator={aggregator!r}")
+        super().compile(optimizer, weighting=weighting, aggregator=aggregator, **kwargs)
 
     def fit(self, x=None, heldout_data=None, **kwargs):
         """`MultiTaskModel.fit`; a bi-level model also takes `heldout_data`,

@@ -1,0 +1,126 @@
+"""Each gradient aggregator on hand-made gradients against its definition."""
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_mtl import aggregation
+
+
+def _aggregate(aggregator, jacobian):
+    jacobian = tf.constant(jacobian, tf.float32)
+    if not aggregator.built:
+        aggregator.build(jacobian.shape[0])
+    return aggregator.aggregate(jacobian, tf.matmul(jacobian, jacobian, transpose_b=True)).numpy()
+
+
+def test_pcgrad_projects_a_conflicting_pair_onto_each_others_normal_planes():
+    g1, g2 = np.array([1.0, 0.0]), np.array([-1.0, 1.0])  # g1 . g2 = -1
+    expected = (g1 - (g1 @ g2) / (g2 @ g2) * g2) + (g2 - (g2 @ g1) / (g1 @ g1) * g1)
+    np.testing.assert_allclose(_aggregate(aggregation.PCGrad(), [g1, g2]), expected,
+                               rtol=1e-6)
+    np.testing.assert_allclose(expected, [0.5, 1.5])
+
+
+def test_pcgrad_leaves_a_non_conflicting_pair_alone():
+    jacobian = [[1.0, 0.0, 2.0], [1.0, 1.0, -0.5]]  # dot 0: no conflict
+    np.testing.assert_allclose(_aggregate(aggregation.PCGrad(), jacobian),
+                               np.sum(jacobian, 0), rtol=1e-6)
+
+
+def test_pcgrad_with_three_tasks_follows_algorithm_1_in_its_drawn_order():
+    rng = np.random.RandomState(0)
+    jacobian = rng.normal(size=(3, 5))
+    pcgrad = aggregation.PCGrad(seed=7)
+    pcgrad.build(3)
+    got = _aggregate(pcgrad, jacobian)
+    # Replay the orders the draw used.
+    seed = tf.stack([tf.constant(7), tf.constant(0)])
+    total = np.zeros(5)
+    for i in range(3):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(3), tf.random.experimental.stateless_fold_in(seed, i)).numpy()
+        g = jacobian[i].copy()
+        for j in order:
+            if j != i and g @ jacobian[j] < 0:
+                g -= (g @ jacobian[j]) / (jacobian[j] @ jacobian[j]) * jacobian[j]
+        total += g
+    np.testing.assert_allclose(got, total, rtol=1e-5)
+
+
+def test_mgda_finds_the_min_norm_point_of_two_gradients():
+    g1, g2 = np.array([1.0, 0.0]), np.array([0.2, 1.0])
+    alpha = np.clip((g2 - g1) @ g2 / ((g1 - g2) @ (g1 - g2)), 0, 1)  # Sener & Koltun, alg. 1
+    np.testing.assert_allclose(_aggregate(aggregation.MGDA(), [g1, g2]),
+                               alpha * g1 + (1 - alpha) * g2, rtol=1e-5)
+    # One gradient inside the other's half-plane: the min-norm point is a vertex.
+    np.testing.assert_allclose(_aggregate(aggregation.MGDA(), [[1.0, 0.0], [3.0, 1.0]]),
+                               [1.0, 0.0], rtol=1e-5)
+
+
+def test_mgda_matches_a_search_over_the_simplex_for_three_tasks():
+    jacobian = np.array([[1.0, 0.2, 0.0], [-0.3, 1.0, 0.1], [0.2, 0.1, 1.0]])
+    grid = [np.array([a, b, 1 - a - b]) for a, b in itertools.product(np.linspace(0, 1, 201),
+                                                                       repeat=2) if a + b <= 1]
+    best = min(np.linalg.norm(w @ jacobian) for w in grid)
+    got = _aggregate(aggregation.MGDA(), jacobian)
+    assert np.linalg.norm(got) <= best + 1e-3
+    np.testing.assert_allclose(np.linalg.norm(got), best, atol=2e-3)
+
+
+@pytest.mark.parametrize("jacobian", [[[1.0, 0.0], [-0.5, 1.0]], [[2.0, 0.3], [0.1, 1.0]],
+                                      [[1.0, 0.0], [-1.0, 0.2]]])
+def test_cagrad_maximises_the_worst_task_within_its_ball(jacobian):
+    c = 0.5
+    jacobian = np.array(jacobian)
+    g0 = jacobian.mean(0)
+    radius = c * np.linalg.norm(g0)
+    d = _aggregate(aggregation.CAGrad(c=c), jacobian) * (1 + c ** 2)  # undo the rescale
+    assert np.linalg.norm(d - g0) <= radius * (1 + 1e-4)  # the bound of eq. (4)
+    # Eq. (4) by search over the ball's boundary (a linear objective's optimum).
+    angles = np.linspace(0, 2 * np.pi, 20001)
+    ball = g0 + radius * np.stack([np.cos(angles), np.sin(angles)], 1)
+    best = (ball @ jacobian.T).min(1).max()
+    np.testing.assert_allclose((jacobian @ d).min(), best, rtol=1e-4, atol=1e-6)
+
+
+def test_cagrad_with_c_zero_is_the_average_gradient():
+    jacobian = [[1.0, 0.0], [-0.5, 1.0]]
+    np.testing.assert_allclose(_aggregate(aggregation.CAGrad(c=0.0), jacobian),
+                               np.mean(jacobian, 0), rtol=1e-6)
+
+
+def test_graddrop_keeps_one_sign_per_coordinate():
+    jacobian = np.array([[1.0, -1.0, 2.0, 0.5], [1.0, 2.0, -2.0, 0.5], [3.0, -0.5, -1.0, 0.0]])
+    for seed in range(20):
+        out = _aggregate(aggregation.GradDrop(seed=seed), jacobian)
+        np.testing.assert_allclose(out[[0, 3]], jacobian[:, [0, 3]].sum(0))  # purity 1
+        for k in (1, 2):
+            column = jacobian[:, k]
+            assert out[k] in (column[column > 0].sum(), column[column < 0].sum())
+
+
+def test_graddrop_keeps_the_positive_side_as_often_as_its_purity():
+    jacobian = np.array([[3.0], [-1.0]])  # purity (1 + 2/4) / 2 = 0.75
+    graddrop = aggregation.GradDrop(seed=1)
+    kept = [_aggregate(graddrop, jacobian)[0] for _ in range(400)]
+    assert set(kept) == {3.0, -1.0}
+    assert abs(np.mean(np.array(kept) == 3.0) - 0.75) < 0.07
+
+
+def test_imtl_g_projects_equally_onto_every_task_gradient():
+    jacobian = np.array([[1.0, 0.0, 0.0], [0.0, 3.0, 0.0], [1.0, 1.0, 1.0]])
+    coefficients = aggregation.IMTLG().task_coefficients(
+        tf.constant(jacobian @ jacobian.T, tf.float32)).numpy()
+    np.testing.assert_allclose(coefficients.sum(), 1.0, rtol=1e-5)
+    g = coefficients @ jacobian
+    projections = jacobian @ g / np.linalg.norm(jacobian, axis=1)
+    np.testing.assert_allclose(projections, projections[0], rtol=1e-4)
+
+
+def test_aggregators_by_name_and_unknown_names():
+    assert isinstance(aggregation.get("pcgrad"), aggregation.PCGrad)
+    with pytest.raises(ValueError, match="'pc'.*pcgrad"):
+        aggregation.get("pc")

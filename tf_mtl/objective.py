@@ -1,0 +1,70 @@
+"""Per-task losses of a routed batch, and the rest of the objective: the
+first piece of a training step (per-task losses -> weighting -> gradients ->
+aggregation -> optimizers)."""
+
+import tensorflow as tf
+
+
+def all_replicas_sum(value):
+    """The sum of `value` over the replicas (itself outside a replica context)."""
+    context = tf.distribute.get_replica_context()
+    if context is None:  # cross-replica context: nothing to reduce
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def num_replicas():
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def task_loss(task, y_true, y_pred, metrics):
+    """Per-example loss of one task; updates its `metrics`. Checks its labels
+    in the graph (what `tf_mtl.validation.check_dataset` could not see)."""
+    if y_true.dtype.is_floating:
+        y_true = tf.debugging.assert_all_finite(
+            y_true, f"NaN or Inf in the labels of task {task.name!r}")
+    if task.classes is not None:
+        valid = tf.reduce_all((y_true >= 0) & (y_true < task.classes))
+        check = tf.debugging.Assert(valid, [
+            # No quotes: TensorFlow escapes them in the error message.
+            f"Task {task.name}: class ids outside 0..{task.classes - 1}:",
+            tf.boolean_mask(y_true, (y_true < 0) | (y_true >= task.classes))])
+        with tf.control_dependencies([check]):  # before the loss reads them
+            y_true = tf.identity(y_true)
+    for metric in metrics:
+        metric.update_state(y_true, y_pred)
+    return tf.cast(task.loss(y_true, y_pred), tf.float32)
+
+
+def split_objective(losses, rows, row_tasks, scope, task_weights, weights, loss_metrics,
+                    regularizers=()):
+    """This replica's share of the objective, in two parts.
+
+    Returns `(task_losses, rest)`: `task_losses[t]`, task t's loss (its
+    `task_weights[t]` included: `Task.loss_weight`, times N_t/N for data not
+    jointly labelled, over its global number of rows), and `rest`, the
+    conditioned layers' terms plus the weight `regularizers` (summed over
+    replicas). The objective is `sum_t weights[t] task_losses[t] + rest`,
+    `weights` those of the loss weighting (all 1 without one).
+
+    `losses[t]` holds the per-row losses of task t and `rows[t]` their rows;
+    `scope` the conditioned layers' records of the forward pass. The
+    layers' terms see each row's loss weighted by its task's `weights`
+    (MPPS's score function estimates the gradient of the weighted
+    objective) and weight their per-task terms by `task_weights` alone (MPPS's
+    KL is not the task loss a weighting balances). Updates `loss_metrics`.
+    """
+    counts = tf.stack([tf.cast(tf.size(l), tf.float32) for l in losses])
+    global_counts = tf.maximum(all_replicas_sum(counts), 1.0)
+    sums = tf.stack([tf.reduce_sum(l) for l in losses])
+    task_losses = task_weights * sums / global_counts
+    for metric, total, count in zip(loss_metrics, tf.unstack(sums), tf.unstack(counts)):
+        metric.update_state(tf.math.divide_no_nan(total, count), sample_weight=count)
+    rest = tf.constant(0.0)
+    if scope.records:
+        row_losses = tf.dynamic_stitch(rows, losses) * tf.gather(weights, row_tasks)
+        row_weights = tf.gather(task_weights / global_counts, row_tasks)
+        rest += scope.terms(row_losses, row_weights)
+    if regularizers:  # one share per replica
+        rest += tf.add_n(list(regularizers)) / num_replicas()
+    return task_losses, rest

@@ -1,0 +1,60 @@
+"""Loss weightings: per-task losses -> task weights (DESIGN.md, composable
+objectives). Give one to `MultiTaskModel.compile(weighting=...)`, by object
+or by name:
+
+| name | class | paper |
+|---|---|---|
+| `ew` | `EqualWeighting` | the sum of the losses |
+| `dwa` | `DynamicWeightAverage` | Liu et al., CVPR 2019 |
+| `uw` | `UncertaintyWeighting` | Kendall et al., CVPR 2018 |
+| `rlw` | `RandomLossWeighting` | Lin et al., TMLR 2022 |
+| `gradnorm` | `GradNorm` | Chen et al., ICML 2018 |
+"""
+
+from tf_mtl.weighting.base import EpochCallback, Weighting
+from tf_mtl.weighting.dwa import DynamicWeightAverage
+from tf_mtl.weighting.ew import EqualWeighting
+from tf_mtl.weighting.gradnorm import GradNorm
+from tf_mtl.weighting.rlw import RandomLossWeighting
+from tf_mtl.weighting.uncertainty import UncertaintyWeighting
+
+WEIGHTINGS = {
+    "ew": EqualWeighting, "dwa": DynamicWeightAverage, "uw": UncertaintyWeighting,
+    "rlw": RandomLossWeighting, "gradnorm": GradNorm,
+}
+
+
+def get(identifier):
+    """A `Weighting` from itself or its name (see the table above)."""
+    if isinstance(identifier, Weighting):
+        return identifier
+    if identifier in WEIGHTINGS:
+        return WEIGHTINGS[identifier]()
+    raise ValueError(f"Unknown weighting {identifier!r}: pass a tf_mtl.weighting."
+                     f"Weighting or one of {sorted(WEIGHTINGS)}.")
+
+
+__all__ = ["DynamicWeightAverage", "EqualWeighting", "GradNorm", "RandomLossWeighting",
+           "UncertaintyWeighting", "Weighting", "WEIGHTINGS", "get"]
+
+
+def define_flags():
+    """absl flags of `train.py`: `--weighting` and its options."""
+    from absl import flags
+
+    flags.DEFINE_enum("weighting", None, sorted(WEIGHTINGS),
+                      "Loss weighting (tf_mtl.weighting); default: the sum of the losses.")
+    flags.DEFINE_float("dwa_temperature", 2.0, "DWA's temperature tau.", lower_bound=1e-6)
+    flags.DEFINE_float("gradnorm_alpha", 1.5, "GradNorm's asymmetry alpha.", lower_bound=0.0)
+
+
+def from_flags(flag_values):
+    """The `Weighting` the flags name, or None."""
+    name = flag_values.weighting
+    if name == "dwa":
+        return DynamicWeightAverage(flag_values.dwa_temperature)
+    if name == "gradnorm":
+        return GradNorm(flag_values.gradnorm_alpha)
+    if name == "rlw":
+        return RandomLossWeighting(flag_values.seed)
+    return None if name is None else get(name)
