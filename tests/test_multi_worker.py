@@ -17,7 +17,7 @@ import pytest
 import tf_mtl  # noqa: F401 (registers the saved classes)
 from test_resume import ENV, ROOT, _epochs_saved
 
-RUN = ["--method=mpps", "--dataset=synthetic", "--width=0.25", "--epochs=3",
+RUN = ["--method=mpps", "--dataset=synthetic", "--width=0.25", "--epochs=2",
        "--batch_size=8", "--mpps_frozen_start=0", "--mpps_frozen_end=0", "--verbose=0"]
 # One process, two logical CPUs: a MirroredStrategy of two replicas.
 MIRRORED = ("import tensorflow as tf; cpu = tf.config.list_physical_devices('CPU')[0]; "
@@ -74,7 +74,7 @@ def test_two_workers_train_as_one_mirrored_process_and_resume_after_a_kill(tmp_p
     while _epochs_saved(job) < 1:
         assert all(w.poll() is None for w in workers) and time.time() < deadline
         time.sleep(0.02)
-    time.sleep(0.5)  # into the second epoch (32 steps)
+    time.sleep(0.2)  # into the second epoch (32 steps)
     workers[1].send_signal(signal.SIGKILL)  # a worker dies; the job is restarted
     workers[0].send_signal(signal.SIGKILL)
     for worker in workers:
@@ -89,6 +89,6 @@ def test_two_workers_train_as_one_mirrored_process_and_resume_after_a_kill(tmp_p
         np.testing.assert_array_equal(a, b)  # the workers' replicas agree ...
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)  # ... and are one process's
     read = lambda d, name: json.loads((d / name).read_text())
-    assert len(read(job, "history.json")["history"]["loss"]) == 3
+    assert len(read(job, "history.json")["history"]["loss"]) == 2
     for key, value in read(reference, "results.json").items():
         assert read(job, "results.json")[key] == pytest.approx(value, rel=1e-5), key

@@ -207,11 +207,9 @@ def test_ppnet_baselines_train(tmp_path, method):
     assert_task_accuracies(read_json(out / "results.json"))
 
 
-@pytest.mark.parametrize("method", [
-    ["--method=hps"],
-    ["--method=mpps", "--mpps_frozen_start=0", "--mpps_frozen_end=0"],
-])
-def test_mirrored_strategy_flag_trains(tmp_path, method):
+def test_mirrored_strategy_flag_trains(tmp_path):
+    # (MPPS under MirroredStrategy: test_mpps.py and test_multi_worker.py.)
+    method = ["--method=hps"]
     # A fresh process with two logical CPUs: a MirroredStrategy made after
     # others in the same process can reuse their collective instance keys
     # and fail with a shape mismatch (a TensorFlow limitation).
@@ -364,10 +362,13 @@ def test_multi_worker_strategy_needs_tf_config(tmp_path, monkeypatch):
                   "--strategy=multi_worker")
 
 
-@pytest.mark.parametrize("flag", ["--mixed_precision=mixed_bfloat16", "--jit_compile"])
-def test_precision_and_compilation_flags_train(tmp_path, flag):
+# XLA compiles MPPS's sequential step for 40 s: hard sharing shows the flag
+# works (test_mixed_precision.py runs every method's step under each policy).
+@pytest.mark.parametrize("flags", [("--method=mpps", "--mixed_precision=mixed_bfloat16"),
+                                   ("--method=hps", "--jit_compile")])
+def test_precision_and_compilation_flags_train(tmp_path, flags):
     try:
-        out = run_train(tmp_path, "--method=mpps", "--dataset=synthetic", flag)
+        out = run_train(tmp_path, *flags, "--dataset=synthetic")
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     assert_task_accuracies(read_json(out / "results.json"))
