@@ -424,7 +424,7 @@ def objectives_table():
     print("\nLoss weighting and gradient aggregation: each objective's train step "
           "over plain hard sharing's (EW on HPS), one run, median of 5 blocks of 5 "
           "steps. LibMTL's gradient methods cost T backward passes of the shared "
-          "part: the bound column is HPS's step with T backward passes, "
+          "part: the bound printed per setting is HPS's step with T backward passes, "
           "`(F + T (S - F)) / S`, S its step and F its forward pass, measured.\n")
     for name, backbone, num_tasks, _ in SETTINGS:
         step = measure_objectives(backbone, num_tasks)
