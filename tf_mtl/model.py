@@ -8,7 +8,6 @@ import tensorflow as tf
 
 from tf_mtl import aggregation, objective, task_gradients, weighting as weightings
 from tf_mtl import tasks as tasks_module
-from tf_mtl.aggregation import Sum
 from tf_mtl.backbones import run_layers, run_tiled
 from tf_mtl.layers.base import objective_scope, tile_tasks
 from tf_mtl.layers.passing import fold_passing, folded_passing
@@ -336,7 +335,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         gradients, gramian, loss = step.gradients, None, step.objective
         if step.jacobian is not None:
             update, gramian = task_gradients.aggregate(
-                self.aggregator or Sum(), step.jacobian, self.aggregate_on)
+                self.aggregator, step.jacobian, self.aggregate_on)
             gradients = accumulate(gradients, step.apply(update))
         if weighting is not None:
             gradients, extra = self._weighting_gradients(

@@ -2,7 +2,10 @@
 first piece of a training step (per-task losses -> weighting -> gradients ->
 aggregation -> optimizers)."""
 
+import keras
 import tensorflow as tf
+
+from tf_mtl.layers.base import draw_counter, next_seed
 
 
 def all_replicas_sum(value):
@@ -68,3 +71,52 @@ def split_objective(losses, rows, row_tasks, scope, task_weights, weights, loss_
     if regularizers:  # one share per replica
         rest += tf.add_n(list(regularizers)) / num_replicas()
     return task_losses, rest
+
+
+class ObjectivePart(keras.layers.Layer):
+    """Base of the small stateful pieces a model is compiled with (a loss
+    weighting, a gradient aggregator): state in Keras variables, built by
+    `build(num_tasks)` when the model is compiled, so the model saves it,
+    checkpoints carry it and `tf.distribute` mirrors it.
+
+    With a `seed`, the part draws random numbers: draw i uses the stateless
+    seed `(seed, i)` (`next_seed()`), i counted in a variable, so a resumed
+    run draws what an uninterrupted one would and every replica alike.
+    """
+
+    def __init__(self, seed=None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.seed = None if seed is None else int(seed)
+        self.num_tasks = None
+
+    def build(self, num_tasks):
+        self.num_tasks = int(num_tasks)
+        if self.seed is not None:
+            self.draws = draw_counter(self)
+        self.built = True
+
+    def next_seed(self):
+        """The stateless seed of the next draw."""
+        return next_seed(self.seed, self.draws)
+
+    def call(self, *args, **kwargs):
+        raise TypeError(
+            f"{type(self).__name__} is not called on tensors: compile a "
+            "MultiTaskModel with it, whose training step uses it.")
+
+    def get_config(self):
+        config = {"name": self.name}
+        if self.seed is not None:
+            config["seed"] = self.seed
+        return config
+
+
+def lookup(identifier, base, registry):
+    """An instance of `base` from itself or its name in `registry`."""
+    if isinstance(identifier, base):
+        return identifier
+    if identifier in registry:
+        return registry[identifier]()
+    raise ValueError(f"Unknown {base.__name__} {identifier!r}: pass a {base.__module__.rsplit('.', 1)[0]}."
+                     f"{base.__name__} or one of {sorted(registry)}.")

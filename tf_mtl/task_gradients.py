@@ -127,7 +127,9 @@ class RepresentationTap:
 
 
 def aggregate(aggregator, jacobian, aggregate_on):
-    """The aggregated update of this replica and the global Gram matrix.
+    """The aggregated update of this replica and the global Gram matrix
+    (`aggregator` None: the sum of the task gradients, for a weighting that
+    reads the Gram matrix).
 
     On the parameters every replica holds a share of each task's gradient:
     they are summed first, so the aggregator sees the global gradients, and
@@ -138,6 +140,10 @@ def aggregate(aggregator, jacobian, aggregate_on):
     if aggregate_on == "parameters":
         jacobian = all_replicas_sum(jacobian)
         gramian = tf.matmul(jacobian, jacobian, transpose_b=True)
-        return aggregator.aggregate(jacobian, gramian) / num_replicas(), gramian
-    gramian = all_replicas_sum(tf.matmul(jacobian, jacobian, transpose_b=True))
-    return aggregator.aggregate(jacobian, gramian), gramian
+    else:
+        gramian = all_replicas_sum(tf.matmul(jacobian, jacobian, transpose_b=True))
+    update = tf.reduce_sum(jacobian, 0) if aggregator is None \
+        else aggregator.aggregate(jacobian, gramian)
+    if aggregate_on == "parameters":
+        update /= num_replicas()
+    return update, gramian

@@ -17,6 +17,7 @@ from tf_mtl.aggregation.graddrop import GradDrop
 from tf_mtl.aggregation.imtl import IMTLG
 from tf_mtl.aggregation.mgda import MGDA
 from tf_mtl.aggregation.pcgrad import PCGrad
+from tf_mtl.objective import lookup
 
 AGGREGATORS = {"pcgrad": PCGrad, "cagrad": CAGrad, "graddrop": GradDrop, "mgda": MGDA,
                "imtl_g": IMTLG, "sum": Sum}
@@ -24,12 +25,7 @@ AGGREGATORS = {"pcgrad": PCGrad, "cagrad": CAGrad, "graddrop": GradDrop, "mgda":
 
 def get(identifier):
     """An `Aggregator` from itself or its name (see the table above)."""
-    if isinstance(identifier, Aggregator):
-        return identifier
-    if identifier in AGGREGATORS:
-        return AGGREGATORS[identifier]()
-    raise ValueError(f"Unknown aggregator {identifier!r}: pass a tf_mtl.aggregation."
-                     f"Aggregator or one of {sorted(AGGREGATORS)}.")
+    return lookup(identifier, Aggregator, AGGREGATORS)
 
 
 __all__ = ["AGGREGATORS", "Aggregator", "CAGrad", "GradDrop", "GramianAggregator", "IMTLG",

@@ -4,8 +4,10 @@
 import keras
 import tensorflow as tf
 
+from tf_mtl.objective import ObjectivePart
 
-class Aggregator(keras.layers.Layer):
+
+class Aggregator(ObjectivePart):
     """Base class of gradient aggregators.
 
     `aggregate(jacobian, gramian)` turns the `(T, D)` matrix whose row t is
@@ -20,29 +22,11 @@ class Aggregator(keras.layers.Layer):
     one task's gradient of the representation of this replica's examples).
     Parameters outside it get the plain sum of their task gradients.
 
-    State (a draw counter) lives in Keras variables built by
-    `build(num_tasks)`.
+    State (a draw counter) lives in Keras variables (`ObjectivePart`).
     """
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.num_tasks = None
-
-    def build(self, num_tasks):
-        self.num_tasks = int(num_tasks)
-        self.built = True
 
     def aggregate(self, jacobian, gramian):
         raise NotImplementedError
-
-    def call(self, *args, **kwargs):
-        raise TypeError(
-            f"{type(self).__name__} is not called on tensors: use `aggregate`, or "
-            "compile a MultiTaskModel with `aggregator=`.")
-
-    def get_config(self):
-        return {"name": self.name}
 
 
 class GramianAggregator(Aggregator):

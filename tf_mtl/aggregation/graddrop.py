@@ -6,7 +6,6 @@ import keras
 import tensorflow as tf
 
 from tf_mtl.aggregation.base import Aggregator
-from tf_mtl.layers.base import draw_counter, next_seed
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
@@ -31,19 +30,11 @@ class GradDrop(Aggregator):
     """
 
     def __init__(self, seed=0, **kwargs):
-        super().__init__(**kwargs)
-        self.seed = int(seed)
-
-    def build(self, num_tasks):
-        super().build(num_tasks)
-        self.draws = draw_counter(self)
+        super().__init__(seed=seed, **kwargs)
 
     def aggregate(self, jacobian, gramian):
         purity = 0.5 * (1.0 + tf.math.divide_no_nan(
             tf.reduce_sum(jacobian, 0), tf.reduce_sum(tf.abs(jacobian), 0)))
-        u = tf.random.stateless_uniform(tf.shape(purity), next_seed(self.seed, self.draws))
+        u = tf.random.stateless_uniform(tf.shape(purity), self.next_seed())
         keep = ((purity > u) & (jacobian > 0)) | ((purity < u) & (jacobian < 0))
         return tf.reduce_sum(tf.where(keep, jacobian, 0.0), 0)
-
-    def get_config(self):
-        return {**super().get_config(), "seed": self.seed}

@@ -5,7 +5,6 @@ import keras
 import tensorflow as tf
 
 from tf_mtl.aggregation.base import GramianAggregator
-from tf_mtl.layers.base import draw_counter, next_seed
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
@@ -29,20 +28,16 @@ class PCGrad(GramianAggregator):
 
     >>> pcgrad = PCGrad()
     >>> pcgrad.build(2)
-    >>> pcgrad.aggregate(tf.constant([[1.0, 0.0], [-1.0, 1.0]]), ...)
+    >>> g = tf.constant([[1.0, 0.0], [-1.0, 1.0]])
+    >>> pcgrad.aggregate(g, tf.matmul(g, g, transpose_b=True))  # [0.5, 1.5]
     """
 
     def __init__(self, seed=0, **kwargs):
-        super().__init__(**kwargs)
-        self.seed = int(seed)
-
-    def build(self, num_tasks):
-        super().build(num_tasks)
-        self.draws = draw_counter(self)
+        super().__init__(seed=seed, **kwargs)
 
     def task_coefficients(self, gramian):
         num_tasks = gramian.shape[0]
-        seed = next_seed(self.seed, self.draws)
+        seed = self.next_seed()
         eye = tf.eye(num_tasks)
         total = tf.zeros([num_tasks])
         for i in range(num_tasks):
@@ -56,6 +51,3 @@ class PCGrad(GramianAggregator):
                 c -= tf.where((dot < 0) & (j != i), step, 0.0) * tf.gather(eye, j)
             total += c
         return total
-
-    def get_config(self):
-        return {**super().get_config(), "seed": self.seed}

@@ -11,6 +11,7 @@ or by name:
 | `gradnorm` | `GradNorm` | Chen et al., ICML 2018 |
 """
 
+from tf_mtl.objective import lookup
 from tf_mtl.weighting.base import EpochCallback, Weighting
 from tf_mtl.weighting.dwa import DynamicWeightAverage
 from tf_mtl.weighting.ew import EqualWeighting
@@ -26,12 +27,7 @@ WEIGHTINGS = {
 
 def get(identifier):
     """A `Weighting` from itself or its name (see the table above)."""
-    if isinstance(identifier, Weighting):
-        return identifier
-    if identifier in WEIGHTINGS:
-        return WEIGHTINGS[identifier]()
-    raise ValueError(f"Unknown weighting {identifier!r}: pass a tf_mtl.weighting."
-                     f"Weighting or one of {sorted(WEIGHTINGS)}.")
+    return lookup(identifier, Weighting, WEIGHTINGS)
 
 
 __all__ = ["DynamicWeightAverage", "EqualWeighting", "GradNorm", "RandomLossWeighting",

@@ -4,8 +4,10 @@ losses of a step and the objective (DESIGN.md, composable objectives)."""
 import keras
 import tensorflow as tf
 
+from tf_mtl.objective import ObjectivePart
 
-class Weighting(keras.layers.Layer):
+
+class Weighting(ObjectivePart):
     """Base class of loss weightings: per-task losses -> task weights.
 
     A step's objective is `sum_t w_t * L_t + extra` (plus the sharing
@@ -27,23 +29,13 @@ class Weighting(keras.layers.Layer):
       aggregated part, see `tf_mtl.aggregation`) when `needs_gramian`, else
       None.
 
-    State lives in Keras variables, created by `build(num_tasks)`: a model
-    saves it, checkpoints carry it, and `tf.distribute` keeps it equal on
-    every replica (the losses it sees are the global ones).
+    State lives in Keras variables (`ObjectivePart`); `tf.distribute` keeps
+    it equal on every replica, as the losses it sees are the global ones.
     """
 
     # Whether `update` reads the Gram matrix of the per-task gradients, which
     # a step then computes (as gradient aggregation does).
     needs_gramian = False
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.num_tasks = None
-
-    def build(self, num_tasks):
-        self.num_tasks = int(num_tasks)
-        self.built = True
 
     def task_weights(self):
         """This step's task weights, `(T,)`."""
@@ -57,14 +49,6 @@ class Weighting(keras.layers.Layer):
     def on_epoch_begin(self, epoch):
         """Called by `fit` at the start of every epoch (also of one resumed
         in its middle)."""
-
-    def call(self, *args, **kwargs):
-        raise TypeError(
-            f"{type(self).__name__} is not called on tensors: a MultiTaskModel "
-            "compiled with `weighting=` uses it in its training step.")
-
-    def get_config(self):
-        return {"name": self.name}
 
 
 class EpochCallback(keras.callbacks.Callback):

@@ -5,7 +5,6 @@ TMLR 2022)."""
 import keras
 import tensorflow as tf
 
-from tf_mtl.layers.base import draw_counter, next_seed
 from tf_mtl.weighting.base import Weighting
 
 
@@ -24,16 +23,8 @@ class RandomLossWeighting(Weighting):
     """
 
     def __init__(self, seed=0, **kwargs):
-        super().__init__(**kwargs)
-        self.seed = int(seed)
-
-    def build(self, num_tasks):
-        super().build(num_tasks)
-        self.draws = draw_counter(self)
+        super().__init__(seed=seed, **kwargs)
 
     def task_weights(self):
-        eps = tf.random.stateless_normal([self.num_tasks], next_seed(self.seed, self.draws))
+        eps = tf.random.stateless_normal([self.num_tasks], self.next_seed())
         return tf.nn.softmax(eps)
-
-    def get_config(self):
-        return {**super().get_config(), "seed": self.seed}
