@@ -37,7 +37,7 @@ from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 
 # Keras' default momentum 0.99 leaves a third of the initial statistics
 # after 100 steps: too slow for runs of a few hundred steps per epoch.
-_MOMENTUM = 0.9
+NORM_MOMENTUM = 0.9
 
 
 def _apply(layer, x, task_ids, training):
@@ -93,9 +93,9 @@ class Block(keras.layers.Layer):
     def _norm(self):
         if self.num_tasks:
             return PerTaskBatchNormalization(
-                self.num_tasks, momentum=_MOMENTUM,
+                self.num_tasks, momentum=NORM_MOMENTUM,
                 **layer_passing(self.passing, normalization=True))
-        return TaskBatchNormalization(momentum=_MOMENTUM)
+        return TaskBatchNormalization(momentum=NORM_MOMENTUM)
 
     def _dense(self, units):
         if self.num_tasks:
@@ -191,10 +191,11 @@ class Block(keras.layers.Layer):
                             for site, layer in self.conditioned.items()},
         }
 
-    def build_from_config(self, config):
+    def get_build_config(self):
         # Blocks build their sublayers at their first call (the model's
-        # construction), not from a saved input shape.
-        pass
+        # construction), not from a saved input shape; a saved one would
+        # make Keras mark a reloaded block built before its build() ran.
+        return None
 
     @classmethod
     def from_config(cls, config):
@@ -385,7 +386,7 @@ def run_tiled(layers, x, tasks, training, wrap=None):
 
 
 # Layers that hold no weight: a per-task twin may have them.
-_WEIGHTLESS = (keras.layers.Flatten, keras.layers.Activation, keras.layers.Dropout,
+WEIGHTLESS = (keras.layers.Flatten, keras.layers.Activation, keras.layers.Dropout,
                keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
                keras.layers.GlobalAveragePooling2D, keras.layers.Reshape)
 
@@ -396,10 +397,10 @@ def is_per_task(layers):
     def per_task(layer):
         if isinstance(layer, Block):
             return bool(layer.num_tasks) and not layer.conditioned
-        return isinstance(layer, (PerTaskLayer, *_WEIGHTLESS))
+        return isinstance(layer, (PerTaskLayer, *WEIGHTLESS))
 
     layers = list(layers)
-    return any(not isinstance(l, _WEIGHTLESS) for l in layers) and all(map(per_task, layers))
+    return any(not isinstance(l, WEIGHTLESS) for l in layers) and all(map(per_task, layers))
 
 
 def sites(backbone):
