@@ -33,7 +33,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", "mpps",
                   ["hps", "stl", "mpps", "smtl", "lsmtl", "smtl_c", "lsmtl_c", "mr", "tr",
                    "ppnet", "self_learn", "adj_only", "adj_fixed", "trace_fixed",
-                   "trace_dynamic"],
+                   "trace_dynamic", "mtan", "cross_stitch"],
                   "Method to train (PPNet's Share-W baseline is hps).")
 flags.DEFINE_enum("dataset", "multifashion",
                   ["multifashion", "multifashion_texture", "fashion_groups",
@@ -84,7 +84,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tf_mtl import aggregation, weighting  # noqa: E402
-from tf_mtl.methods import hps, mpps, ppnet, roaming, smtl  # noqa: E402
+from tf_mtl.methods import cross_stitch_network, hps, mpps, mtan, ppnet, roaming, smtl  # noqa: E402
 
 weighting.define_flags()
 aggregation.define_flags()
@@ -92,6 +92,7 @@ mpps.define_flags()
 smtl.define_flags()
 roaming.define_flags()
 ppnet.define_flags()
+cross_stitch_network.define_flags()
 
 
 @flags.multi_flags_validator(
@@ -122,6 +123,7 @@ METHODS = {
     "self_learn": functools.partial(ppnet.from_flags, schedule=None),
     "trace_fixed": functools.partial(ppnet.from_flags, schedule=None, trace="fixed"),
     "trace_dynamic": functools.partial(ppnet.from_flags, schedule=None, trace="dynamic"),
+    "mtan": mtan.from_flags, "cross_stitch": cross_stitch_network.from_flags,
 }
 
 

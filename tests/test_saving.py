@@ -23,6 +23,9 @@ BUILDERS = {
     "mr": lambda b, t, joint: methods.maximum_roaming(b, t, (28, 28, 1), joint, 0.3),
     "lsmtl": lambda b, t, joint: methods.safe_sharing(
         functools.partial(backbones.lenet, 0.25), t, (28, 28, 1), joint, lite=True),
+    "mtan": lambda b, t, joint: methods.attention_network(b, t, (28, 28, 1), joint),
+    "cross_stitch": lambda b, t, joint: methods.cross_stitch(
+        functools.partial(backbones.lenet, 0.25), t, (28, 28, 1), joint),
 }
 
 
@@ -46,8 +49,8 @@ def _assert_same_state(a, b):
 @pytest.mark.parametrize("builder", BUILDERS)
 @pytest.mark.parametrize("joint", [True, False])
 def test_save_load_and_continue(builder, joint, tmp_path):
-    if builder == "stl" and not joint:
-        pytest.skip("STL trains on one task's view (jointly labelled)")
+    if builder in ("stl", "cross_stitch") and not joint:
+        pytest.skip("jointly labelled data only")
     ds = data.load("synthetic" if joint else "synthetic_groups", batch_size=64, limit=128)
     task_list = [classification(n, k) for n, k in ds.task_classes.items()]
     model = BUILDERS[builder](backbones.lenet(0.25), task_list, joint)
@@ -81,3 +84,15 @@ def test_a_task_without_a_factory_cannot_be_saved(tmp_path):
     model = methods.hard_sharing(backbones.lenet(0.25), [task], (28, 28, 1))
     with pytest.raises(ValueError, match="Task 'a' cannot be saved.*task_factory"):
         model.save(tmp_path / "m.keras")
+
+
+def test_a_residual_backbone_reloads_with_its_shortcuts(tmp_path):
+    # A block builds its sublayers at its first call: a reloaded one must too
+    # (its strided blocks' shortcuts are made in `build`).
+    task_list = [classification("a", 3), classification("b", 3)]
+    model = methods.hard_sharing(backbones.resnet(0.25), task_list, (28, 28, 1))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert len(loaded.weights) == len(model.weights)
+    x = np.random.RandomState(0).rand(2, 28, 28, 1).astype("float32")
+    np.testing.assert_allclose(loaded(x)["a"], model(x)["a"], rtol=1e-6)

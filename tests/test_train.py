@@ -207,6 +207,18 @@ def test_ppnet_baselines_train(tmp_path, method):
     assert_task_accuracies(read_json(out / "results.json"))
 
 
+@pytest.mark.parametrize("method", ["mtan", "cross_stitch"])
+def test_architectures_train_and_export(tmp_path, method):
+    out = run_train(tmp_path, f"--method={method}", "--dataset=synthetic")
+    assert_task_accuracies(read_json(out / "results.json"))
+    assert_export(out / "export")
+
+
+def test_cross_stitch_refuses_data_that_is_not_jointly_labelled(tmp_path):
+    with pytest.raises(ValueError, match="jointly labelled"):
+        run_train(tmp_path, "--method=cross_stitch", "--dataset=synthetic_groups")
+
+
 def test_mirrored_strategy_flag_trains(tmp_path):
     # (MPPS under MirroredStrategy: test_mpps.py and test_multi_worker.py.)
     method = ["--method=hps"]
@@ -239,7 +251,7 @@ def test_mirrored_strategy_flag_trains(tmp_path):
         ("--width=0", "--width=0"),
         ("--mpps_eps=0.5", "--mpps_eps=0.5"),
         ("--mpps_schedule=step0", "--mpps_schedule must be separ"),
-        ("--method=mtan", "--method"),
+        ("--method=nddr", "--method"),
     ],
 )
 def test_flag_out_of_range_is_rejected(argument, message):

@@ -1,6 +1,7 @@
 """Task-conditioned Keras layers: `layer(x, task_ids)`."""
 
 from tf_mtl.layers.base import ObjectiveScope, TaskConditioned, objective_scope
+from tf_mtl.layers.cross_stitch import CrossStitch
 from tf_mtl.layers.gate import EncoderGate
 from tf_mtl.layers.partition import ChannelPartition
 from tf_mtl.layers.per_task import (
@@ -13,6 +14,7 @@ from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 
 __all__ = [
     "TaskConditioned", "ProgressiveMask", "ChannelPartition", "TaskBatchNormalization", "EncoderGate",
+    "CrossStitch",
     "PerTaskDense", "PerTaskConv2D", "PerTaskBatchNormalization",
     "ObjectiveScope", "objective_scope",
 ]
