@@ -288,8 +288,8 @@ def _fit(model, strategy, train, validation, test, callbacks, name=None):
         if done:
             print(f"Resuming at epoch {done + 1} from {checkpoint.folder}")
         verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
-        # A bi-level Safe MTL model fits its gates on the validation split.
-        heldout = {"heldout_data": validation} if getattr(model, "bilevel", False) else {}
+        # Bi-level parts (Safe MTL's gates, Auto-Lambda) fit on the validation split.
+        heldout = {"heldout_data": validation} if model.takes_heldout_data() else {}
         model.fit(train, validation_data=validation, epochs=FLAGS.epochs,
                   initial_epoch=done, verbose=verbose, callbacks=callbacks + [checkpoint],
                   **heldout)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mtl import aggregation, backbones, data, methods, weighting
+from tf_mtl import aggregation, backbones, bilevel, data, methods, weighting
 from tf_mtl.tasks import classification
 
 SHAPE = (28, 28, 1)
@@ -59,6 +59,12 @@ def test_every_weighting_and_aggregator_trains_every_sharing_method(method):
         assert all(np.isfinite(v.numpy()).all() for v in after), objective
         moved = [not np.array_equal(a, b.numpy()) for a, b in zip(before, after)]
         assert sum(moved) >= len(after) - 2, objective  # the lite/unused gates aside
+    # Auto-Lambda, whose weights fit on held-out data through a virtual step.
+    model.compile(optimizer=keras.optimizers.SGD(0.05),
+                  weighting=weighting.AutoLambda(learning_rate=0.1))
+    model.fit(dataset, heldout_data=_data(32, 16), epochs=1, verbose=0)
+    lambdas = model.weighting.lambdas.numpy()
+    assert np.isfinite(lambdas).all() and not np.allclose(lambdas, 0.1)
 
 
 def _flat(tensors):
@@ -117,6 +123,60 @@ def test_mgda_ub_weighs_the_tasks_by_the_min_norm_point_of_their_feature_gradien
     for v, b, e, o in zip(variables, before, expected, own):
         want = o if id(v) in heads else e
         np.testing.assert_allclose(b - v.numpy(), want, rtol=2e-4, atol=1e-6, err_msg=v.path)
+
+
+def test_auto_lambda_hypergradient_is_minus_alpha_times_gradient_inner_products():
+    model = BUILDERS["hps"]()
+    auto = weighting.AutoLambda(virtual_learning_rate=0.5)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), weighting=auto)
+    train, heldout = next(iter(_data(16, 16))), next(iter(_data(32, 16).skip(1)))
+    lambdas = np.array([0.3, 1.2], "float32")
+    auto.lambdas.assign(lambdas)
+    network = model.trainable_variables
+    x, _, labels = model._unpack(train)
+    with tf.GradientTape(persistent=True) as tape:
+        losses = model.forward_objective(x, None, labels, tf.ones([2]))[0]
+        task_losses = tf.unstack(losses)  # on the tape
+    dense = lambda grads: _flat([tf.zeros_like(v) if g is None else g
+                                 for v, g in zip(network, grads)])
+    task_grads = [dense(tape.gradient(loss, network)) for loss in task_losses]
+    # grad L_val at w' = w - alpha sum_t lambda_t g_t, by assigning w'.
+    start = [v.numpy() for v in network]
+    step = tape.gradient(losses, network, output_gradients=tf.constant(lambdas))
+    for v, g in zip(network, step):
+        v.assign_sub(0.5 * g)
+    with tf.GradientTape() as tape:
+        heldout_loss = model._step(heldout, training=True)
+    heldout_grad = dense(tape.gradient(heldout_loss, network))
+    for v, value in zip(network, start):
+        v.assign(value)
+    expected = [-0.5 * heldout_grad @ g for g in task_grads]
+    (got,) = bilevel.hypergradients(model, train, heldout, network, [auto.lambdas], 0.5,
+                                    train_weights=auto.lambdas)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_auto_lambda_fits_its_weights_on_heldout_data_and_saves_them(tmp_path):
+    model = BUILDERS["hps"]()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  weighting=weighting.AutoLambda(learning_rate=1e-2))
+    with pytest.raises(ValueError, match="heldout_data"):
+        model.fit(_data(), verbose=0)
+    logs = model.fit(_data(), heldout_data=_data(32, 16), epochs=2, verbose=0).history
+    auto = model.weighting
+    assert int(auto.meta_optimizer.iterations) == int(model.optimizer.iterations) == 4
+    assert not np.allclose(auto.lambdas.numpy(), 0.1)
+    np.testing.assert_allclose(logs["task_0_weight"][-1], auto.lambdas.numpy()[0], rtol=0.1)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded.weighting.lambdas.numpy(), auto.lambdas.numpy())
+    for a, b in zip(auto.meta_optimizer.variables, loaded.weighting.meta_optimizer.variables,
+                    strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    plain = BUILDERS["hps"]()
+    plain.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="has none"):
+        plain.fit(_data(), heldout_data=_data(), verbose=0)
 
 
 def test_vectorized_jacobian_equals_the_loop():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mtl import backbones, data, methods
+from tf_mtl import backbones, data, methods, weighting
 from tf_mtl.callbacks import ExclusiveCapacityScheduler, MaximumRoaming, ParameterPassing
 from tf_mtl.layers.passing import passed_layers
 from tf_mtl.tasks import classification
@@ -134,9 +134,9 @@ def _run(method, backup_dir, callbacks=(), epochs=3):
         model = methods.parameter_passing(functools.partial(backbones.lenet, 0.25), tasks,
                                           (28, 28, 1), passing="channel")
         method_callbacks.append(ParameterPassing(period=6, unit="steps"))
-    elif method == "mtan_uw":  # the attention modules' statistics, UW's variances
+    elif method == "mtan_auto_lambda":  # attention statistics, lambda and its Adam
         model = methods.attention_network(backbones.lenet(0.25), tasks, (28, 28, 1))
-        objective = {"weighting": "uw"}
+        objective = {"weighting": weighting.AutoLambda(learning_rate=1e-2)}
     elif method == "cross_stitch":  # the units' alpha
         model = methods.cross_stitch(functools.partial(backbones.lenet, 0.25), tasks,
                                      (28, 28, 1))
@@ -145,7 +145,7 @@ def _run(method, backup_dir, callbacks=(), epochs=3):
         model = methods.safe_sharing(functools.partial(backbones.lenet, 0.25), tasks,
                                      (28, 28, 1), lite=True, seed=2, bilevel=bilevel)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), **objective)
-    heldout = {"heldout_data": ds.validation} if method == "lsmtl_bilevel" else {}
+    heldout = {"heldout_data": ds.validation} if model.takes_heldout_data() else {}
     model.fit(ds.train, epochs=epochs, verbose=0, callbacks=[
         keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch"),
         *method_callbacks, *callbacks], **heldout)
@@ -153,7 +153,7 @@ def _run(method, backup_dir, callbacks=(), epochs=3):
 
 
 @pytest.mark.parametrize("method", ["mpps", "mpps_dwa_pcgrad", "lsmtl", "lsmtl_bilevel",
-                                    "mr", "ppnet", "mtan_uw", "cross_stitch"])
+                                    "mr", "ppnet", "mtan_auto_lambda", "cross_stitch"])
 def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(method,
                                                                           tmp_path):
     reference, ref_callbacks = _run(method, str(tmp_path / "a"))
@@ -170,7 +170,11 @@ def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(metho
         for a, b in zip(reference.gate_optimizer.variables,
                         resumed.gate_optimizer.variables, strict=True):
             np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-    if method in ("mtan_uw", "cross_stitch"):  # no draw: the weights above are all
+    if method == "mtan_auto_lambda":
+        for a, b in zip(reference.weighting.meta_optimizer.variables,
+                        resumed.weighting.meta_optimizer.variables, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    if method in ("mtan_auto_lambda", "cross_stitch"):  # no draw
         return
     if method == "mr":  # an update every 2 of the 8 steps of each epoch
         assert [int(p.updates.numpy()) for p in resumed.conditioned_layers] == [

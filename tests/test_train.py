@@ -207,11 +207,15 @@ def test_ppnet_baselines_train(tmp_path, method):
     assert_task_accuracies(read_json(out / "results.json"))
 
 
-@pytest.mark.parametrize("method", ["mtan", "cross_stitch"])
-def test_architectures_train_and_export(tmp_path, method):
-    out = run_train(tmp_path, f"--method={method}", "--dataset=synthetic")
+@pytest.mark.parametrize("flags", [["--method=mtan", "--weighting=auto_lambda"],
+                                   ["--method=cross_stitch"]])
+def test_architectures_train_and_export(tmp_path, flags):
+    out = run_train(tmp_path, *flags, "--dataset=synthetic")
     assert_task_accuracies(read_json(out / "results.json"))
     assert_export(out / "export")
+    if "--weighting=auto_lambda" in flags:  # fitted on the validation split
+        history = read_json(out / "history.json")["history"]
+        assert history["task_0_weight"][-1] != pytest.approx(0.1, abs=1e-7)
 
 
 def test_cross_stitch_refuses_data_that_is_not_jointly_labelled(tmp_path):

@@ -131,6 +131,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         self.weighting = self.aggregator = None
         self._weight_trackers = []
         self.aggregate_on, self.per_task_gradients = "parameters", "loop"
+        self._heldout_data = None
         self(np.zeros((1,) + self.example_shape, "float32"))
 
     def get_config(self):
@@ -288,14 +289,14 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                 (self._term_trackers[n], v) for n, v in (named or {}).items()]:
             tracker.update_state(value * replicas, sample_weight=global_batch / replicas)
 
-    def _step(self, data, training):
-        """The objective of one batch in one pass, equal weights (this
-        replica's share); tracked."""
+    def _step(self, data, training, weights=None):
+        """The objective of one batch in one pass, tasks weighted by
+        `weights` (None: equally; this replica's share); tracked."""
         x, task_ids, labels = self._unpack(data)
-        ones = tf.ones([self.num_tasks])
-        task_losses, rest, named = self.forward_objective(x, task_ids, labels, ones,
+        weights = tf.ones([self.num_tasks]) if weights is None else weights
+        task_losses, rest, named = self.forward_objective(x, task_ids, labels, weights,
                                                           training=training)
-        loss = tf.reduce_sum(task_losses) + rest
+        loss = tf.reduce_sum(weights * task_losses) + rest
         self._track_loss(loss, x, named)
         if training:
             self._check_finite(loss)
@@ -320,8 +321,11 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                 if id(v) in backbone and owners[id(v)] is self.optimizer]
 
     def train_step(self, data):
-        x, task_ids, labels = self._unpack(data)
         weighting = self.weighting
+        if self.takes_heldout_data():  # Auto-Lambda: its weights' step first
+            data, heldout = data
+            weighting.fit_heldout(self, data, heldout)
+        x, task_ids, labels = self._unpack(data)
         with tf.GradientTape() as weighting_tape:
             weights = tf.ones([self.num_tasks]) if weighting is None \
                 else weighting.task_weights()
@@ -442,14 +446,28 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                           per_task_gradients=self.per_task_gradients)
         return config
 
-    def fit(self, x=None, y=None, validation_data=None, callbacks=None, **kwargs):
+    def fit(self, x=None, y=None, validation_data=None, callbacks=None, heldout_data=None,
+            **kwargs):
+        """Keras' `fit`. A model with a bi-level part (`takes_heldout_data`)
+        also takes `heldout_data`, the data that part is fitted on, cycled
+        through alongside `x`."""
         if y is not None:
             raise ValueError(
                 "MultiTaskModel reads labels from the dataset `x`; `y` must be None."
             )
+        if self.takes_heldout_data() != (heldout_data is not None):
+            raise ValueError(
+                "This model fits its bi-level part (a bi-level SafeSharing's gates, "
+                "Auto-Lambda's weights) on `heldout_data`: pass fit(x, heldout_data=...)."
+                if heldout_data is None else
+                "`heldout_data` is for a model with a bi-level part (a bi-level "
+                "SafeSharing, the AutoLambda weighting); this one has none.")
         counts = self.check_dataset(x, "x")
-        if validation_data is not None:
-            self.check_dataset(validation_data, "validation_data")
+        for data, argument in ((validation_data, "validation_data"),
+                               (heldout_data, "heldout_data")):
+            if data is not None:
+                self.check_dataset(data, argument)
+        self._heldout_data = heldout_data
         if not self.jointly_labelled and not float(tf.reduce_sum(self.task_frequencies)):
             if counts is None:
                 raise ValueError(
@@ -462,9 +480,16 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                            callbacks=callbacks, **kwargs)
 
     def training_batches(self, x):
-        """What `train_step` receives from `fit(x)`: `x`'s batches. (A
-        bi-level model pairs them with held-out ones.)"""
-        return x
+        """What `train_step` receives from `fit(x)`: `x`'s batches, paired
+        with held-out ones when the model `takes_heldout_data`."""
+        if not self.takes_heldout_data():
+            return x
+        return tf.data.Dataset.zip((x, self._heldout_data.repeat()))
+
+    def takes_heldout_data(self):
+        """Whether part of the model is fitted on `fit`'s `heldout_data`
+        (`tf_mtl.bilevel`): here, an Auto-Lambda weighting."""
+        return bool(getattr(self.weighting, "fits_on_heldout_data", False))
 
     def evaluate(self, x=None, **kwargs):
         self.check_dataset(x, "x")

@@ -21,7 +21,7 @@ from tf_mtl.backbones import Block, run_layers, run_tiled
 from tf_mtl.layers.base import tiled_tasks
 from tf_mtl.layers.gate import EncoderGate
 from tf_mtl.model import MultiTaskModel
-from tf_mtl.objective import all_replicas_sum
+from tf_mtl.bilevel import hypergradients
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
@@ -172,7 +172,6 @@ class SafeSharing(MultiTaskModel):
         self.gate_learning_rate = float(gate_learning_rate)
         self.gate_optimizer = (keras.optimizers.Adam(gate_learning_rate, name="gate_adam")
                                if self.bilevel else None)
-        self._heldout_data = None
 
     def get_config(self):
         return {**super().get_config(), "bilevel": self.bilevel,
@@ -195,23 +194,8 @@ class SafeSharing(MultiTaskModel):
                 f"aggregator={aggregator!r}")
         super().compile(optimizer, weighting=weighting, aggregator=aggregator, **kwargs)
 
-    def fit(self, x=None, heldout_data=None, **kwargs):
-        """`MultiTaskModel.fit`; a bi-level model also takes `heldout_data`,
-        the data its gates are fitted on (cycled through alongside `x`)."""
-        if self.bilevel != (heldout_data is not None):
-            raise ValueError(
-                "A bi-level SafeSharing model fits its gates on `heldout_data`: "
-                "pass fit(train, heldout_data=...)." if self.bilevel else
-                "`heldout_data` is for bi-level models (bilevel=True).")
-        if heldout_data is not None:
-            self.check_dataset(heldout_data, "heldout_data")
-        self._heldout_data = heldout_data
-        return super().fit(x, **kwargs)
-
-    def training_batches(self, x):
-        if not self.bilevel:
-            return x
-        return tf.data.Dataset.zip((x, self._heldout_data.repeat()))
+    def takes_heldout_data(self):
+        return self.bilevel or super().takes_heldout_data()
 
     def _optimizer_of(self):
         owners = super()._optimizer_of()
@@ -245,20 +229,9 @@ class SafeSharing(MultiTaskModel):
 
     def _hypergradients(self, train, heldout, network, gates):
         """`d L_val(w - xi grad_w L_train(w, a), a) / d a` (steps 1-2)."""
-        with tf.GradientTape() as outer:
-            mapping = []
-            if self.virtual_learning_rate:
-                with tf.GradientTape() as inner, keras.StatelessScope():
-                    train_loss = self._step(train, training=True)
-                    scaled = self.optimizer.scale_loss(train_loss)
-                scale = getattr(self.optimizer, "dynamic_scale", 1.0)  # mixed precision
-                gradients = [g if g is None else all_replicas_sum(tf.convert_to_tensor(g)) / scale
-                             for g in inner.gradient(scaled, network)]
-                mapping = [(w, w - self.virtual_learning_rate * g)
-                           for w, g in zip(network, gradients) if g is not None]
-            with keras.StatelessScope(state_mapping=mapping):
-                heldout_loss = self.gate_optimizer.scale_loss(self._step(heldout, training=True))
-        return outer.gradient(heldout_loss, gates)
+        return hypergradients(self, train, heldout, network, gates,
+                              self.virtual_learning_rate or None,
+                              heldout_optimizer=self.gate_optimizer)
 
     # -- deployment ----------------------------------------------------------
 
