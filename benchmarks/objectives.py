@@ -25,6 +25,7 @@ from tf_mtl.metrics import relative_improvement  # noqa: E402
 
 SEEDS = (0, 1, 2)
 DATASETS = ("multifashion", "fashion_groups")
+SHAPE = (28, 28, 1)
 BUDGET = ["--epochs=3", "--limit=10000", "--batch_size=128", "--backbone=lenet"]
 OBJECTIVES = {
     "EW": [],
@@ -37,7 +38,10 @@ OBJECTIVES = {
     "GradDrop": ["--aggregator=graddrop", "--aggregate_on=representation"],
     "MGDA-UB": ["--aggregator=mgda", "--aggregate_on=representation"],
     "IMTL-G": ["--aggregator=imtl_g"],
+    "Auto-Lambda": ["--weighting=auto_lambda"],
 }
+# MTL architectures, each with the sum of the losses (EW), in place of HPS.
+ARCHITECTURES = {"MTAN": ["--method=mtan"], "Cross-stitch": ["--method=cross_stitch"]}
 SHARING = {"HPS": ["--method=hps"], "MPPS": ["--method=mpps"]}
 
 
@@ -46,8 +50,48 @@ def run(dataset, seed, sharing, objective):
     if sharing == "STL":
         return train(os.path.join("objectives", dataset, "STL", str(seed)),
                      flags + ["--method=stl"])[0]
+    if sharing in ARCHITECTURES:
+        return train(os.path.join("objectives", dataset, sharing, str(seed)),
+                     flags + ARCHITECTURES[sharing])[0]
     return train(os.path.join("objectives", dataset, sharing, objective, str(seed)),
                  flags + SHARING[sharing] + OBJECTIVES[objective])[0]
+
+
+def parameters(dataset, method):
+    """Trainable parameters of a method's model (backbone and heads)."""
+    from tf_mtl import backbones, methods
+    from tf_mtl.data import fashion_groups, multifashion
+    from tf_mtl.tasks import classification
+
+    classes, joint = {"multifashion": (multifashion.TASK_NUM_CLASSES, True),
+                      "fashion_groups": (fashion_groups.TASK_NUM_CLASSES, False)}[dataset]
+    tasks = [classification(n, k) for n, k in classes.items()]
+    build = {"HPS": lambda: methods.hard_sharing(backbones.lenet(), tasks, SHAPE, joint),
+             "MTAN": lambda: methods.attention_network(backbones.lenet(), tasks, SHAPE, joint),
+             "Cross-stitch": lambda: methods.cross_stitch(backbones.lenet, tasks, SHAPE, joint)}
+    return sum(int(np.prod(v.shape)) for v in build[method]().trainable_variables)
+
+
+def architecture_table(dataset):
+    """STL, HPS and each architecture with EW; those that cannot run on the
+    data set (Cross-stitch on data that is not jointly labelled) left out."""
+    stl = [run(dataset, s, "STL", None) for s in SEEDS]
+    keys = sorted(k for k in stl[0] if k.endswith("_accuracy"))
+    higher = {k: True for k in keys}
+    cell = lambda v: f"{100 * np.mean(v):.2f} +- {100 * np.std(v):.2f}"
+    lines = [f"\n### {dataset}: architectures (EW)\n",
+             "| method | parameters | " + " | ".join(k[:-9] for k in keys) + " | Delta (%) |",
+             "|---" * (len(keys) + 3) + "|",
+             "| STL | | " + " | ".join(cell([r[k] for r in stl]) for k in keys) + " | 0 |"]
+    for method in ["HPS", *ARCHITECTURES]:
+        if method == "Cross-stitch" and dataset == "fashion_groups":
+            continue
+        runs = [run(dataset, s, method, "EW") for s in SEEDS]
+        deltas = [relative_improvement(r, ref, higher) for r, ref in zip(runs, stl)]
+        lines.append(f"| {method} | {parameters(dataset, method):,} | "
+                     + " | ".join(cell([r[k] for r in runs]) for k in keys)
+                     + f" | {np.mean(deltas):+.2f} +- {np.std(deltas):.2f} |")
+    return "\n".join(lines)
 
 
 def table(dataset):
@@ -83,6 +127,7 @@ def main(datasets):
           "Delta against STL of the same seed.")
     for dataset in datasets:
         print(table(dataset), flush=True)
+        print(architecture_table(dataset), flush=True)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ import tensorflow as tf  # noqa: E402
 from tf_mtl import backbones  # noqa: E402
 from tf_mtl.layers import objective_scope  # noqa: E402
 from tf_mtl.methods import (  # noqa: E402
+    attention_network,
+    cross_stitch,
     hard_sharing,
     maximum_roaming,
     parameter_passing,
@@ -276,6 +278,12 @@ OBJECTIVES = {
     "CAGrad (parameters)": dict(aggregator="cagrad"),
     "MGDA-UB (representation)": dict(aggregator="mgda", aggregate_on="representation"),
     "GradDrop (representation)": dict(aggregator="graddrop", aggregate_on="representation"),
+    "Auto-Lambda": dict(weighting="auto_lambda"),
+}
+# MTL architectures trained with EW, against the same HPS step.
+ARCHITECTURES = {
+    "MTAN": lambda backbone, tasks: attention_network(backbone(), tasks, SHAPE),
+    "Cross-stitch": lambda backbone, tasks: cross_stitch(backbone, tasks, SHAPE),
 }
 
 
@@ -285,8 +293,12 @@ def measure_objectives(backbone, num_tasks, blocks=5, steps=5):
     tasks = [classification(f"task_{t}", 3) for t in range(num_tasks)]
     builders = {"HPS": lambda: hard_sharing(backbone(), tasks, SHAPE),
                 "MPPS": lambda: progressive_sharing(backbone(), tasks, SHAPE, num_masked=6)}
-    runs = {(sharing, name): _trainer(build(), num_tasks, True, **options)
+    runs = {(sharing, name): _trainer(build(), num_tasks, True,
+                                      heldout=options.get("weighting") == "auto_lambda",
+                                      **options)
             for sharing, build in builders.items() for name, options in OBJECTIVES.items()}
+    for name, build in ARCHITECTURES.items():
+        runs[(name, "EW")] = _trainer(build(backbone, tasks), num_tasks, True)
     hps = builders["HPS"]()
     x = next(iter(_batch(num_tasks, True)))[0]
     forward = tf.function(lambda: hps(x, training=True))
@@ -426,7 +438,9 @@ def objectives_table():
           "steps. LibMTL's gradient methods cost T backward passes of the shared "
           "part: the bound printed per setting is HPS's step with T backward passes, "
           "`(F + T (S - F)) / S`, S its step and F its forward pass, measured.\n")
-    for name, backbone, num_tasks, _ in SETTINGS:
+    for name, backbone, num_tasks, jointly in SETTINGS:
+        if not jointly:  # the objectives' costs do not depend on the layout
+            continue
         step = measure_objectives(backbone, num_tasks)
         base = step[("HPS", "EW")]
         bound = (step["forward"] + num_tasks * (base - step["forward"])) / base
@@ -438,6 +452,8 @@ def objectives_table():
             print(f"| {objective} | " + " | ".join(
                 f"{step[(sharing, objective)] / base:.2f}" for sharing in ("HPS", "MPPS"))
                 + " |", flush=True)
+        for name in ARCHITECTURES:
+            print(f"| {name} (EW), in place of HPS | {step[(name, 'EW')] / base:.2f} | |")
 
 
 if __name__ == "__main__":

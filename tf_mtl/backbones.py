@@ -191,6 +191,12 @@ class Block(keras.layers.Layer):
                             for site, layer in self.conditioned.items()},
         }
 
+    def build(self, input_shape):
+        # Sublayers are made in `__init__` and build at their first call; a
+        # block with state of its own to make from the input shape (a
+        # residual shortcut) overrides this.
+        self.built = True
+
     def get_build_config(self):
         # Blocks build their sublayers at their first call (the model's
         # construction), not from a saved input shape; a saved one would
