@@ -225,6 +225,7 @@ def test_equal_weighting_composed_with_mpps_is_eq_3():
     ("hps", dict(weighting="gradnorm", aggregator="pcgrad")),
     ("mpps_tiled", dict(weighting="uw", aggregator="mgda", aggregate_on="representation")),
     ("hps", dict(weighting="dwa", aggregator="cagrad", aggregate_on="representation")),
+    ("hps", dict(weighting="auto_lambda")),  # the hypergradient through the virtual step
 ])
 def test_mirrored_strategy_aggregates_the_global_task_gradients(mirrored, method, objective):
     keras.utils.set_random_seed(3)
@@ -236,7 +237,9 @@ def test_mirrored_strategy_aggregates_the_global_task_gradients(mirrored, method
         with model.distribute_strategy.scope():
             model.compile(optimizer=keras.optimizers.SGD(0.1), **objective)
     dataset = _data(limit=96)
-    runs = [m.fit(dataset, epochs=2, verbose=0).history for m in (single, distributed)]
+    heldout = {"heldout_data": _data(32, 16)} if single.takes_heldout_data() else {}
+    runs = [m.fit(dataset, epochs=2, verbose=0, **heldout).history
+            for m in (single, distributed)]
     np.testing.assert_allclose(runs[1]["loss"], runs[0]["loss"], rtol=1e-4)
     for a, b in zip(single.weights, distributed.weights, strict=True):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
