@@ -127,3 +127,20 @@ def test_mtan_refuses_task_specific_layers_in_its_shared_network():
         AttentionNetwork(backbones.lenet(num_tasks=2), 2)
     with pytest.raises(ValueError, match="at least one block"):
         AttentionNetwork([keras.layers.Flatten()], 2)
+
+
+def test_mtan_sequential_routing_steps_like_tiled_routing():
+    ds = data.load("synthetic", batch_size=16, limit=32)
+    tasks = [classification(n, k) for n, k in ds.task_classes.items()]
+    models = []
+    for routing in ("tiled", "sequential"):
+        keras.utils.set_random_seed(1)
+        model = methods.attention_network(backbones.lenet(0.25), tasks, (28, 28, 1),
+                                          routing=routing)
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+        model.fit(ds.train, epochs=1, verbose=0)
+        models.append(model)
+    # The same step. (Not the same moving statistics: the sequential passes
+    # run the shared network once per task, so update its statistics T times.)
+    for a, b in zip(*(m.trainable_weights for m in models), strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
