@@ -50,6 +50,8 @@ def test_every_weighting_and_aggregator_trains_every_sharing_method(method):
     model = BUILDERS[method]()
     dataset = _data()
     for objective in COMBINATIONS:
+        if method in ("ppnet", "cross_stitch"):  # per-task columns: no shared representation
+            objective = {**objective, "aggregate_on": "parameters"}
         before = [v.numpy() for v in model.trainable_variables]
         model.compile(optimizer=keras.optimizers.SGD(0.05), **objective)
         logs = model.fit(dataset, epochs=1, verbose=0).history
@@ -127,8 +129,8 @@ def test_mgda_ub_weighs_the_tasks_by_the_min_norm_point_of_their_feature_gradien
 
 def test_auto_lambda_hypergradient_is_minus_alpha_times_gradient_inner_products():
     model = BUILDERS["hps"]()
-    auto = weighting.AutoLambda(virtual_learning_rate=0.5)
-    model.compile(optimizer=keras.optimizers.SGD(0.1), weighting=auto)
+    auto = weighting.AutoLambda(learning_rate=1e-3)  # alpha: the SGD's 0.5
+    model.compile(optimizer=keras.optimizers.SGD(0.5), weighting=auto)
     train, heldout = next(iter(_data(16, 16))), next(iter(_data(32, 16).skip(1)))
     lambdas = np.array([0.3, 1.2], "float32")
     auto.lambdas.assign(lambdas)
@@ -154,6 +156,21 @@ def test_auto_lambda_hypergradient_is_minus_alpha_times_gradient_inner_products(
     (got,) = bilevel.hypergradients(model, train, heldout, network, [auto.lambdas], 0.5,
                                     train_weights=auto.lambdas)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+    # Its step: Adam's first, lambda - lr sign(gradient), at the optimizer's alpha.
+    auto.fit_heldout(model, train, heldout)
+    np.testing.assert_allclose(auto.lambdas.numpy(), lambdas - 1e-3 * np.sign(expected),
+                               rtol=1e-4)
+    np.testing.assert_array_equal([v.numpy() for v in network][0], start[0])  # no w step
+
+
+def test_auto_lambda_refuses_float16_loss_scaling():
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        model = BUILDERS["hps"]()
+        with pytest.raises(ValueError, match="AutoLambda does not scale its held-out loss"):
+            model.compile(optimizer="adam", weighting="auto_lambda")
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
 
 
 def test_auto_lambda_fits_its_weights_on_heldout_data_and_saves_them(tmp_path):

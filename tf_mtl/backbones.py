@@ -393,8 +393,8 @@ def run_tiled(layers, x, tasks, training, wrap=None):
 
 # Layers that hold no weight: a per-task twin may have them.
 WEIGHTLESS = (keras.layers.Flatten, keras.layers.Activation, keras.layers.Dropout,
-               keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
-               keras.layers.GlobalAveragePooling2D, keras.layers.Reshape)
+              keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
+              keras.layers.GlobalAveragePooling2D, keras.layers.Reshape)
 
 
 def is_per_task(layers):

@@ -18,10 +18,13 @@ def hypergradients(model, train, heldout, network, hyper, virtual_learning_rate,
 
     The gradient flows through `grad_w L_train` (second order, where the
     reference codes approximate the Hessian-vector product by finite
-    differences); `virtual_learning_rate=0` is the first-order version,
-    `d L_val(w, h) / d h`. The virtual passes change no state: no
+    differences); `virtual_learning_rate=None` is the first-order version,
+    `d L_val(w, h) / d h`. The virtual step is plain SGD, whatever the
+    network's optimizer. The virtual passes change no state: no
     normalisation statistics, draw count or metric moves (they run in a
-    `keras.StatelessScope`), so they see the draws the real step will.
+    `keras.StatelessScope`), so with tiled routing they see the draws the
+    real step will (one pass per task, `routing="sequential"`, draws once
+    per pass where the virtual pass draws once).
 
     Args:
         model: a `MultiTaskModel`; `L` is its objective on a batch
@@ -29,7 +32,7 @@ def hypergradients(model, train, heldout, network, hyper, virtual_learning_rate,
         train, heldout: a batch of each.
         network: w, the variables of the virtual step.
         hyper: h, the variables differentiated.
-        virtual_learning_rate: xi (a float or a scalar tensor).
+        virtual_learning_rate: xi (a float or a scalar tensor), or None.
         train_weights: the task weights of `L_train` (Auto-Lambda's lambda);
             None: equal. `L_val` always weights tasks equally.
         heldout_optimizer: the optimizer that applies the result: it scales

@@ -311,6 +311,14 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
     def _logs(self):
         return worker_logs({m.name: m.result() for m in self.metrics})
 
+    def _split_at_the_input(self):
+        """Whether the tasks' paths split at the input: per-task copies from
+        the first weight on."""
+        first = first_routed_layer(self.backbone, True)
+        if first is None or any(l.trainable_weights for l in self.backbone[:first]):
+            return False
+        return bool(getattr(self.backbone[first], "num_tasks", None))
+
     def shared_variable_indices(self):
         """Indices in `trainable_variables` of the parameters an aggregator
         acts on with `aggregate_on="parameters"`: the backbone's, except
@@ -420,6 +428,12 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                 f"Received: per_task_gradients={per_task_gradients!r}")
         weighting = None if weighting is None else weightings.get(weighting)
         aggregator = None if aggregator is None else aggregation.get(aggregator)
+        per_task = aggregator is not None or getattr(weighting, "needs_gramian", False)
+        if per_task and aggregate_on == "representation" and self._split_at_the_input():
+            raise ValueError(
+                "This model's tasks share no representation: each has its own "
+                "column from the input on (per-task copies: PPNet, Cross-stitch). "
+                "Aggregate on the parameters: aggregate_on='parameters'.")
         with self.distribute_strategy.scope():
             for part in (weighting, aggregator):
                 if part is not None and not part.built:
@@ -435,6 +449,11 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             self._tracker.lock()
         self.aggregate_on, self.per_task_gradients = aggregate_on, per_task_gradients
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+        if getattr(weighting, "fits_on_heldout_data", False) and isinstance(
+                self.optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError(
+                f"{type(weighting).__name__} does not scale its held-out loss: train it "
+                "in float32 or mixed_bfloat16, not under float16 loss scaling.")
 
     def get_compile_config(self):
         config = super().get_compile_config()

@@ -1,8 +1,8 @@
 """Cross-stitch networks (Misra et al., CVPR 2016): one column per task, the
 per-task twin of a backbone definition (`tf_mtl.backbones`), with a
 cross-stitch unit (`tf_mtl.layers.CrossStitch`) after every block mixing the
-columns' activations. With `same=1` the units pass nothing between columns:
-the model is T single-task networks (PPNet's Self-Learn).
+columns' activations. With `same=1` the units start passing nothing between
+columns: the model starts as T single-task networks (PPNet's Self-Learn).
 """
 
 from tf_mtl.backbones import Block

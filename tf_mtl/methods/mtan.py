@@ -10,7 +10,7 @@ block j of the shared network (eq. 1):
     a^_t^(j) = a_t^(j) * p^(j),
 
 where u^(j) is the output of the block's first layer (after its
-normalisation, before the activation: the block's first site; max-pooled to
+normalisation if it has one, before the activation: the block's first site; max-pooled to
 p^(j)'s resolution in a block that pools after it), p^(j) the block's
 output, g and h task-specific 1x1 convolutions with batch
 normalisation (ReLU, then sigmoid), and f^(j) a shared 3x3 convolution with
@@ -21,7 +21,6 @@ the attended features as on the shared ones.
 """
 
 import keras
-import tensorflow as tf
 
 from tf_mtl.backbones import NORM_MOMENTUM, WEIGHTLESS, Block, DenseUnit, run_layers
 from tf_mtl.layers.per_task import PerTaskBatchNormalization, PerTaskConv2D, PerTaskDense
@@ -50,10 +49,11 @@ class AttentionNetwork(Block):
         self.shared = list(shared)
         self.attended_tasks = int(num_tasks)
         for layer in self.shared:
-            if not isinstance(layer, (Block, *WEIGHTLESS)) or getattr(layer, "num_tasks", None):
+            if not isinstance(layer, (Block, *WEIGHTLESS)) or isinstance(layer, Block) and (
+                    layer.num_tasks or layer.conditioned):
                 raise ValueError(
-                    "MTAN's shared network is made of shared blocks and weightless "
-                    f"layers. Received: {layer!r}")
+                    "MTAN's shared network is made of shared blocks without "
+                    f"conditioned sites and weightless layers. Received: {layer!r}")
         blocks = [l for l in self.shared if isinstance(l, Block)]
         if not blocks:
             raise ValueError("MTAN's shared network needs at least one block to attend.")
@@ -123,22 +123,26 @@ def _pooled(features, like, block):
     """`features` max-pooled to the resolution of `like`."""
     if len(like.shape) == 2:
         return features
-    size, target = features.shape[1], like.shape[1]
-    if size % target:
+    size, target = tuple(features.shape[1:3]), tuple(like.shape[1:3])
+    if None in size + target or any(s % t for s, t in zip(size, target)):
         raise ValueError(
             f"MTAN pools features of size {size} to the resolution {target} of "
-            f"block {block.name!r}'s output: it must divide it.")
-    return keras.ops.max_pool(features, size // target) if size != target else features
+            f"block {block.name!r}'s output: each must be known and divide it.")
+    pool = tuple(s // t for s, t in zip(size, target))
+    return keras.ops.max_pool(features, pool) if pool != (1, 1) else features
 
 
 def attention_network(backbone, tasks, input_shape, jointly_labelled=True, **kwargs):
     """An MTAN model: `backbone` (a list of layers) as the shared network,
     an attention module per task on each of its blocks.
 
+    Tiled routing only: the attention modules serve every task from one
+    run of the shared network, which one pass per task would repeat.
+
     Args:
         backbone: the shared network, e.g. `tf_mtl.backbones.lenet()`.
         tasks, input_shape, jointly_labelled: see `MultiTaskModel`.
-        **kwargs: of `MultiTaskModel` (`routing`).
+        **kwargs: of `MultiTaskModel` (`heads`).
 
     Example:
 
@@ -146,6 +150,10 @@ def attention_network(backbone, tasks, input_shape, jointly_labelled=True, **kwa
     >>> heads = [tasks.classification("a", 10), tasks.classification("b", 10)]
     >>> model = methods.attention_network(backbones.lenet(0.5), heads, (28, 28, 1))
     """
+    if kwargs.get("routing", "tiled") != "tiled":
+        raise ValueError(
+            "MTAN runs its shared network once for every task: routing must be "
+            f"'tiled'. Received: routing={kwargs['routing']!r}")
     return MultiTaskModel([AttentionNetwork(backbone, len(tasks), name="mtan")], tasks,
                           input_shape, jointly_labelled, **kwargs)
 

@@ -18,10 +18,10 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mtl.backbones import Block, run_layers, run_tiled
+from tf_mtl.bilevel import hypergradients
 from tf_mtl.layers.base import tiled_tasks
 from tf_mtl.layers.gate import EncoderGate
 from tf_mtl.model import MultiTaskModel
-from tf_mtl.bilevel import hypergradients
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")

@@ -33,6 +33,10 @@ class AutoLambda(Weighting):
     State: lambda (non-trainable: only its own Adam moves it) and that
     Adam's slots, saved and checkpointed with the model.
 
+    The virtual step is plain SGD (the authors' adds their SGD's momentum
+    and weight decay). Under float16 loss scaling (`mixed_float16`) it is
+    refused at `compile`: its held-out pass would run unscaled.
+
     Args:
         initial_weight: lambda at the start, for every task (0.1 in the
             authors' code).
@@ -57,6 +61,8 @@ class AutoLambda(Weighting):
             raise ValueError(
                 "`learning_rate` and `virtual_learning_rate` must be > 0. Received: "
                 f"{learning_rate}, {virtual_learning_rate}")
+        if not initial_weight >= 0:
+            raise ValueError(f"`initial_weight` must be >= 0. Received: {initial_weight}")
         self.initial_weight = float(initial_weight)
         self.learning_rate = float(learning_rate)
         self.virtual_learning_rate = virtual_learning_rate and float(virtual_learning_rate)
