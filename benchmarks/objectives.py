@@ -75,10 +75,7 @@ def parameters(dataset, method):
 def architecture_table(dataset):
     """STL, HPS and each architecture with EW; those that cannot run on the
     data set (Cross-stitch on data that is not jointly labelled) left out."""
-    stl = [run(dataset, s, "STL", None) for s in SEEDS]
-    keys = sorted(k for k in stl[0] if k.endswith("_accuracy"))
-    higher = {k: True for k in keys}
-    cell = lambda v: f"{100 * np.mean(v):.2f} +- {100 * np.std(v):.2f}"
+    stl, keys, higher = reference(dataset)
     lines = [f"\n### {dataset}: architectures (EW)\n",
              "| method | parameters | " + " | ".join(k[:-9] for k in keys) + " | Delta (%) |",
              "|---" * (len(keys) + 3) + "|",
@@ -94,11 +91,19 @@ def architecture_table(dataset):
     return "\n".join(lines)
 
 
-def table(dataset):
+def cell(values):
+    return f"{100 * np.mean(values):.2f} +- {100 * np.std(values):.2f}"
+
+
+def reference(dataset):
+    """STL's runs, the accuracy keys, and their directions (for Delta)."""
     stl = [run(dataset, s, "STL", None) for s in SEEDS]
     keys = sorted(k for k in stl[0] if k.endswith("_accuracy"))
-    higher = {k: True for k in keys}
-    cell = lambda v: f"{100 * np.mean(v):.2f} +- {100 * np.std(v):.2f}"
+    return stl, keys, {k: True for k in keys}
+
+
+def table(dataset):
+    stl, keys, higher = reference(dataset)
     lines = [f"\n### {dataset}\n",
              "| objective | " + " | ".join(f"HPS {k[:-9]}" for k in keys)
              + " | HPS Delta (%) | " + " | ".join(f"MPPS {k[:-9]}" for k in keys)
