@@ -134,12 +134,9 @@ def _run(method, backup_dir, callbacks=(), epochs=3):
         model = methods.parameter_passing(functools.partial(backbones.lenet, 0.25), tasks,
                                           (28, 28, 1), passing="channel")
         method_callbacks.append(ParameterPassing(period=6, unit="steps"))
-    elif method == "mtan_auto_lambda":  # attention statistics, lambda and its Adam
-        model = methods.attention_network(backbones.lenet(0.25), tasks, (28, 28, 1))
+    elif method == "hps_auto_lambda":  # lambda and its Adam
+        model = methods.hard_sharing(backbones.lenet(0.25), tasks, (28, 28, 1))
         objective = {"weighting": weighting.AutoLambda(learning_rate=1e-2)}
-    elif method == "cross_stitch":  # the units' alpha
-        model = methods.cross_stitch(functools.partial(backbones.lenet, 0.25), tasks,
-                                     (28, 28, 1))
     else:  # L-SMTL: the gates' Gumbel draws; bi-level: the gates' own Adam
         bilevel = method == "lsmtl_bilevel"
         model = methods.safe_sharing(functools.partial(backbones.lenet, 0.25), tasks,
@@ -153,7 +150,7 @@ def _run(method, backup_dir, callbacks=(), epochs=3):
 
 
 @pytest.mark.parametrize("method", ["mpps", "mpps_dwa_pcgrad", "lsmtl", "lsmtl_bilevel",
-                                    "mr", "ppnet", "mtan_auto_lambda", "cross_stitch"])
+                                    "mr", "ppnet", "hps_auto_lambda"])
 def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(method,
                                                                           tmp_path):
     reference, ref_callbacks = _run(method, str(tmp_path / "a"))
@@ -170,11 +167,10 @@ def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(metho
         for a, b in zip(reference.gate_optimizer.variables,
                         resumed.gate_optimizer.variables, strict=True):
             np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-    if method == "mtan_auto_lambda":
+    if method == "hps_auto_lambda":  # no draw
         for a, b in zip(reference.weighting.meta_optimizer.variables,
                         resumed.weighting.meta_optimizer.variables, strict=True):
             np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-    if method in ("mtan_auto_lambda", "cross_stitch"):  # no draw
         return
     if method == "mr":  # an update every 2 of the 8 steps of each epoch
         assert [int(p.updates.numpy()) for p in resumed.conditioned_layers] == [

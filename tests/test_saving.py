@@ -51,6 +51,8 @@ def _assert_same_state(a, b):
 def test_save_load_and_continue(builder, joint, tmp_path):
     if builder in ("stl", "cross_stitch") and not joint:
         pytest.skip("jointly labelled data only")
+    if builder == "mtan" and joint:
+        pytest.skip("MTAN's routed rows on jointly labelled data: test_architectures.py")
     ds = data.load("synthetic" if joint else "synthetic_groups", batch_size=64, limit=128)
     task_list = [classification(n, k) for n, k in ds.task_classes.items()]
     model = BUILDERS[builder](backbones.lenet(0.25), task_list, joint)

@@ -207,8 +207,8 @@ def test_ppnet_baselines_train(tmp_path, method):
     assert_task_accuracies(read_json(out / "results.json"))
 
 
-@pytest.mark.parametrize("flags", [["--method=mtan", "--weighting=auto_lambda"],
-                                   ["--method=cross_stitch"]])
+@pytest.mark.parametrize("flags", [["--method=mtan"],
+                                   ["--method=cross_stitch", "--weighting=auto_lambda"]])
 def test_architectures_train_and_export(tmp_path, flags):
     out = run_train(tmp_path, *flags, "--dataset=synthetic")
     assert_task_accuracies(read_json(out / "results.json"))
