@@ -338,7 +338,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             weights = tf.ones([self.num_tasks]) if weighting is None \
                 else weighting.task_weights()
         fixed = tf.stop_gradient(weights)
-        per_task = self.aggregator is not None or getattr(weighting, "needs_gramian", False)
+        per_task = _needs_task_gradients(weighting, self.aggregator)
         first = first_routed_layer(self.backbone, True)
         if self.routing == "sequential" and task_ids is None and first is not None:
             step = sequential_gradients(self, x, labels, first, fixed, per_task)
@@ -428,8 +428,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                 f"Received: per_task_gradients={per_task_gradients!r}")
         weighting = None if weighting is None else weightings.get(weighting)
         aggregator = None if aggregator is None else aggregation.get(aggregator)
-        per_task = aggregator is not None or getattr(weighting, "needs_gramian", False)
-        if per_task and aggregate_on == "representation" and self._split_at_the_input():
+        if _needs_task_gradients(weighting, aggregator) and aggregate_on == "representation" and self._split_at_the_input():
             raise ValueError(
                 "This model's tasks share no representation: each has its own "
                 "column from the input on (per-task copies: PPNet, Cross-stitch). "
@@ -532,3 +531,9 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         if not isinstance(dataset, tf.data.Dataset) or dataset not in self._checked:
             self._checked[dataset] = validation.check_dataset(self, dataset, argument)
         return self._checked[dataset]
+
+
+def _needs_task_gradients(weighting, aggregator):
+    """Whether a step computes each task's gradient (not only their sum): for
+    an aggregator, or a weighting that reads their Gram matrix."""
+    return aggregator is not None or getattr(weighting, "needs_gramian", False)
