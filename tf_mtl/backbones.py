@@ -33,11 +33,7 @@ from tf_mtl.layers.per_task import (
     PerTaskDense,
     PerTaskLayer,
 )
-from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
-
-# Keras' default momentum 0.99 leaves a third of the initial statistics
-# after 100 steps: too slow for runs of a few hundred steps per epoch.
-NORM_MOMENTUM = 0.9
+from tf_mtl.layers.task_batch_norm import NORM_MOMENTUM, TaskBatchNormalization
 
 
 def _apply(layer, x, task_ids, training):

@@ -27,11 +27,11 @@ def task_loss(task, y_true, y_pred, metrics):
         y_true = tf.debugging.assert_all_finite(
             y_true, f"NaN or Inf in the labels of task {task.name!r}")
     if task.classes is not None:
-        valid = tf.reduce_all((y_true >= 0) & (y_true < task.classes))
-        check = tf.debugging.Assert(valid, [
+        bad = task.out_of_range(y_true)
+        check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [
             # No quotes: TensorFlow escapes them in the error message.
             f"Task {task.name}: class ids outside 0..{task.classes - 1}:",
-            tf.boolean_mask(y_true, (y_true < 0) | (y_true >= task.classes))])
+            tf.boolean_mask(y_true, bad)])
         with tf.control_dependencies([check]):  # before the loss reads them
             y_true = tf.identity(y_true)
     for metric in metrics:

@@ -7,6 +7,10 @@ import re
 from typing import Callable, Sequence
 
 import keras
+import tensorflow as tf
+
+from tf_mtl import dense_metrics
+from tf_mtl.layers.dense_head import DenseHead
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -42,6 +46,9 @@ class Task:
         classes: the number of classes when a label is a class id (an
             integer in `[0, classes)`, checked before and during training);
             None for other labels.
+        ignore_label: a class id outside `[0, classes)` that marks an
+            unlabelled pixel or example (segmentation's -1), allowed in the
+            labels and left out of the loss and metrics; None: none.
         loss_weight: the task's weight in the summed objective (MPPS eq. 1).
         config: how to make the task again, `{"factory": name, **arguments}`;
             set by the factories of this module (`task_factory`), and needed
@@ -54,6 +61,7 @@ class Task:
     metrics: Sequence[Metric] = ()
     label_shape: tuple = ()
     classes: int = None
+    ignore_label: int = None
     loss_weight: float = 1.0
     config: dict = dataclasses.field(default=None, compare=False)
 
@@ -63,12 +71,23 @@ class Task:
                 "Task `name` must be letters, digits and '_' starting with a "
                 f"letter. Received: name={self.name!r}"
             )
+        if self.ignore_label is not None and (
+                self.classes is None or 0 <= self.ignore_label < self.classes):
+            raise ValueError(
+                f"Task {self.name!r}: `ignore_label` must be outside the class ids "
+                f"[0, {self.classes}) of a task with classes. Received: "
+                f"ignore_label={self.ignore_label}")
         if not self.loss_weight > 0:
             raise ValueError(
                 f"Task {self.name!r}: `loss_weight` must be > 0. "
                 f"Received: loss_weight={self.loss_weight}"
             )
 
+    def out_of_range(self, labels):
+        """Which `labels` (numpy or TensorFlow) are neither class ids of this
+        task nor its `ignore_label`."""
+        bad = (labels < 0) | (labels >= self.classes)
+        return bad if self.ignore_label is None else bad & (labels != self.ignore_label)
 
     def get_config(self):
         if self.config is None:
@@ -139,5 +158,128 @@ def classification(name, num_classes, loss_weight=1.0):
             Metric("accuracy", keras.metrics.SparseCategoricalAccuracy),
         ),
         classes=int(num_classes),
+        loss_weight=loss_weight,
+    )
+
+
+def _pixel_mean(values, valid):
+    """Per-example mean of `values` `(batch, H, W)` over its `valid` pixels
+    (0 for an example without one): the dense tasks' per-example loss."""
+    valid = tf.cast(valid, tf.float32)
+    return tf.math.divide_no_nan(tf.reduce_sum(values * valid, axis=[1, 2]),
+                                 tf.reduce_sum(valid, axis=[1, 2]))
+
+
+def _dense_head(name, outputs, output_size, head_channels, aspp_rates):
+    return lambda: DenseHead(outputs, output_size, head_channels, aspp_rates,
+                             name=f"{name}_head")
+
+
+@task_factory
+def segmentation(name, num_classes, output_size, ignore_label=-1, head_channels=64,
+                 aspp_rates=None, loss_weight=1.0):
+    """Semantic segmentation: per-pixel class ids `(H, W)` (`ignore_label`
+    where unlabelled), a `DenseHead` of `num_classes` logits, pixel-wise
+    softmax cross-entropy averaged over each image's labelled pixels;
+    mIoU and pixel accuracy over a split's labelled pixels (both higher is
+    better).
+
+    >>> task = segmentation("semantic", num_classes=13, output_size=(8, 8))
+    >>> tuple(task.head()(numpy.zeros((2, 4, 4, 16), "float32")).shape)
+    (2, 8, 8, 13)
+    """
+    if int(num_classes) < 2:
+        raise ValueError(
+            f"Task {name!r}: `num_classes` must be >= 2. Received: {num_classes}")
+
+    def loss(y_true, logits):
+        y_true = tf.cast(y_true, tf.int32)
+        valid = tf.not_equal(y_true, ignore_label)
+        cross_entropy = keras.losses.sparse_categorical_crossentropy(
+            tf.where(valid, y_true, 0), tf.cast(logits, tf.float32), from_logits=True)
+        return _pixel_mean(cross_entropy, valid)
+
+    confusion = {"num_classes": num_classes, "ignore_label": ignore_label}
+    return Task(
+        name=name,
+        head=_dense_head(name, num_classes, output_size, head_channels, aspp_rates),
+        loss=loss,
+        metrics=(
+            Metric("miou", lambda n: dense_metrics.MeanIoU(**confusion, name=n)),
+            Metric("pixel_accuracy",
+                   lambda n: dense_metrics.PixelAccuracy(**confusion, name=n)),
+        ),
+        label_shape=tuple(output_size),
+        classes=int(num_classes),
+        ignore_label=int(ignore_label),
+        loss_weight=loss_weight,
+    )
+
+
+def _masked_means(*quantities):
+    return tuple(
+        Metric(metric_name, lambda n, q=quantity: dense_metrics.MaskedMean(q, name=n),
+               higher_is_better=quantity.startswith("within"))
+        for metric_name, quantity in quantities)
+
+
+@task_factory
+def depth(name, output_size, head_channels=64, aspp_rates=None, loss_weight=1.0):
+    """Depth estimation: per-pixel depth `(H, W, 1)` (0 where unknown), a
+    `DenseHead` of one output, L1 loss averaged over each image's valid
+    pixels; absolute and relative error over a split's valid pixels (both
+    lower is better).
+
+    >>> task = depth("depth", output_size=(8, 8))
+    >>> [m.name for m in task.metrics]
+    ['absolute_error', 'relative_error']
+    """
+    def loss(y_true, y_pred):
+        y_true, y_pred = tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32)
+        return _pixel_mean(tf.abs(y_pred - y_true)[..., 0],
+                           dense_metrics.valid_depth(y_true))
+
+    return Task(
+        name=name,
+        head=_dense_head(name, 1, output_size, head_channels, aspp_rates),
+        loss=loss,
+        metrics=_masked_means(("absolute_error", "depth_absolute_error"),
+                              ("relative_error", "depth_relative_error")),
+        label_shape=(*output_size, 1),
+        loss_weight=loss_weight,
+    )
+
+
+@task_factory
+def surface_normals(name, output_size, head_channels=64, aspp_rates=None,
+                    loss_weight=1.0):
+    """Surface normal estimation: per-pixel unit normals `(H, W, 3)` (all
+    zero where unknown), a `DenseHead` of three outputs normalised to unit
+    length, loss 1 - cosine similarity averaged over each image's valid
+    pixels; over a split's valid pixels, the mean and median angle error
+    (degrees, lower is better) and the share of pixels within 11.25, 22.5
+    and 30 degrees (higher is better).
+
+    >>> task = surface_normals("normal", output_size=(8, 8))
+    >>> [m.name for m in task.metrics]
+    ['mean_angle', 'median_angle', 'within_11_25', 'within_22_5', 'within_30']
+    """
+    def loss(y_true, y_pred):
+        y_pred = tf.math.l2_normalize(tf.cast(y_pred, tf.float32), axis=-1)
+        cosine = tf.reduce_sum(y_pred * tf.cast(y_true, tf.float32), axis=-1)
+        return _pixel_mean(1.0 - cosine, dense_metrics.valid_normals(y_true))
+
+    return Task(
+        name=name,
+        head=_dense_head(name, 3, output_size, head_channels, aspp_rates),
+        loss=loss,
+        metrics=(
+            *_masked_means(("mean_angle", "angle_error")),
+            Metric("median_angle", lambda n: dense_metrics.MedianAngleError(name=n),
+                   higher_is_better=False),
+            *_masked_means(("within_11_25", "within_11.25"),
+                           ("within_22_5", "within_22.5"), ("within_30", "within_30")),
+        ),
+        label_shape=(*output_size, 3),
         loss_weight=loss_weight,
     )

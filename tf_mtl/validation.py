@@ -133,7 +133,7 @@ def _check_labels(task, y, where):
     if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
         raise ValueError(f"NaN or Inf in the labels of task {task.name!r} in {where}.")
     if task.classes is not None:
-        bad = y[(y < 0) | (y >= task.classes)]
+        bad = y[task.out_of_range(y)]
         if bad.size:
             raise ValueError(
                 f"Label {bad.flat[0]} of task {task.name!r} in {where} is out of "

@@ -22,7 +22,6 @@ one (`ordering`: `fit` of a tf_mtl model follows the epoch by itself, other
 models take `callbacks=order_callbacks(train)`).
 """
 
-import dataclasses
 import functools
 import typing
 
@@ -30,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mtl.data import _utils
+from tf_mtl.data.base import MultiTaskData
 from tf_mtl.data import fashion_domains
 from tf_mtl.data import fashion_groups
 from tf_mtl.data import fashion_mnist
@@ -47,31 +47,6 @@ __all__ = ["MultiTaskData", "load", "load_fashion_mnist", "task_counts",
 SYNTHETIC_SPLIT_SIZES = {"train": 256, "validation": 64, "test": 64}
 SYNTHETIC_NUM_TASKS = 2
 SYNTHETIC_NUM_CLASSES = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class MultiTaskData:
-    """The splits of a multi-task dataset and the description of its tasks.
-
-    Attributes:
-        train: Training split, batched, in the order of its (seed, epoch):
-            see `ordering` (models of tf_mtl follow `fit`'s epoch by
-            themselves; a plain Keras model takes `order_callbacks(train)`).
-        validation: Validation split, batched, in a fixed order.
-        test: Test split, batched, in a fixed order.
-        task_classes: Ordered dict mapping each task name to its number of
-            classes. The order defines the task ids of datasets that are not
-            jointly labelled.
-        jointly_labelled: Whether every example has a label for every task
-            (elements `(image, {task_name: label})`) or for its own task only
-            (elements `(image, task_id, label)`).
-    """
-
-    train: tf.data.Dataset
-    validation: tf.data.Dataset
-    test: tf.data.Dataset
-    task_classes: dict[str, int]
-    jointly_labelled: bool
 
 
 def _slice(arrays, start, stop):

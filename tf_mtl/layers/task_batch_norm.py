@@ -6,6 +6,12 @@ import tensorflow as tf
 from tf_mtl.layers.base import tiled_tasks
 
 
+# The backbones' and heads' momentum: Keras' default 0.99 leaves a third of
+# the initial statistics after 100 steps, too slow for runs of a few hundred
+# steps per epoch.
+NORM_MOMENTUM = 0.9
+
+
 @keras.saving.register_keras_serializable(package="tf_mtl")
 class TaskBatchNormalization(keras.layers.BatchNormalization):
     """Batch normalisation whose training statistics are each task's own.
