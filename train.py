@@ -37,9 +37,19 @@ flags.DEFINE_enum("method", "mpps",
                   "Method to train (PPNet's Share-W baseline is hps).")
 flags.DEFINE_enum("dataset", "multifashion",
                   ["multifashion", "multifashion_texture", "fashion_groups",
-                   "fashion_domains", "synthetic", "synthetic_groups"],
+                   "fashion_domains", "fashion_scenes", "synthetic", "synthetic_groups"],
                   "Data set (tf_mtl.data.load).")
-flags.DEFINE_enum("backbone", "lenet", ["lenet", "resnet"], "Shared backbone.")
+flags.DEFINE_enum("backbone", "lenet",
+                  ["lenet", "resnet", "resnet18", "resnet34", "resnet50", "vgg16", "segnet"],
+                  "Shared backbone (tf_mtl.backbones.BACKBONES).")
+flags.DEFINE_enum("output_stride", "8", ["8", "16"],
+                  "Dense tasks on resnet18/34/50: the backbone's output stride, its "
+                  "later stages dilated instead of strided (DeepLab).")
+flags.DEFINE_list("aspp_rates", [],
+                  "Dense tasks: the dilation rates of a DeepLab-v3 ASPP head per task "
+                  "(e.g. 12,24,36 at output stride 8); empty: MTAN's 3x3 + 1x1 head.")
+flags.DEFINE_integer("head_channels", 64, "Dense tasks: channels inside each task's head.",
+                     lower_bound=1)
 flags.DEFINE_float("width", 1.0, "Width multiplier of the backbone.", lower_bound=0.01)
 flags.DEFINE_integer("epochs", 8, "Training epochs.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
@@ -125,6 +135,46 @@ METHODS = {
     "trace_dynamic": functools.partial(ppnet.from_flags, schedule=None, trace="dynamic"),
     "mtan": mtan.from_flags, "cross_stitch": cross_stitch_network.from_flags,
 }
+
+
+def _dense_tasks(tasks):
+    """The tasks, dense ones with the head of --aspp_rates and --head_channels."""
+    from tf_mtl import tasks as task_specs
+
+    rates = [int(r) for r in FLAGS.aspp_rates]
+    if any(r < 1 for r in rates):
+        raise app.UsageError(f"--aspp_rates must be positive integers. Received: "
+                             f"{','.join(FLAGS.aspp_rates)}")
+    dense = [t for t in tasks if len(t.label_shape) >= 2]
+    if not dense:
+        if rates:
+            raise app.UsageError("--aspp_rates is for dense tasks; the tasks of "
+                                 f"--dataset={FLAGS.dataset} are not.")
+        return tasks
+    head = {"aspp_rates": rates or None, "head_channels": FLAGS.head_channels}
+    return [task_specs.from_config({**t.get_config(), **head}) if t in dense else t
+            for t in tasks]
+
+
+def _backbone(dense):
+    """`backbone(**options)` of --backbone and --width; dense tasks get its
+    feature map (no final pooling; dilated ResNets at --output_stride)."""
+    from tf_mtl import backbones
+
+    options = {}
+    if dense:
+        if FLAGS.backbone in ("lenet", "vgg16"):
+            raise app.UsageError(
+                f"--backbone={FLAGS.backbone} flattens its features: the dense tasks of "
+                f"--dataset={FLAGS.dataset} need resnet, resnet18/34/50 or segnet.")
+        if FLAGS.backbone == "resnet":
+            options["dense_prediction"] = True
+        elif FLAGS.backbone != "segnet":
+            options["output_stride"] = int(FLAGS.output_stride)
+    elif FLAGS.backbone == "segnet":
+        raise app.UsageError(f"--backbone=segnet outputs a full-resolution map: it is for "
+                             f"dense tasks, and --dataset={FLAGS.dataset} has none.")
+    return functools.partial(backbones.BACKBONES[FLAGS.backbone], FLAGS.width, **options)
 
 
 def _optimizer():
@@ -365,10 +415,9 @@ def _print_table(tasks, results):
 
 def main(argv):
     del argv
-    from tf_mtl import backbones, data as datasets, export, plots
+    from tf_mtl import data as datasets, export, plots
     from tf_mtl.callbacks import (
         ExclusiveCapacityScheduler, GateHistory, MaximumRoaming, ParameterPassing)
-    from tf_mtl.tasks import classification
 
     start = time.time()
     strategy = _strategy()  # first: MultiWorkerMirroredStrategy precedes every op
@@ -383,10 +432,10 @@ def main(argv):
                              FLAGS.data_dir, FLAGS.limit, FLAGS.download)
     except FileNotFoundError as error:
         raise app.UsageError(str(error)) from None
-    tasks = [classification(n, k) for n, k in data.task_classes.items()]
+    tasks = _dense_tasks(list(data.tasks))
     reference = _load_reference(tasks)
     input_shape = tuple(data.train.element_spec[0].shape[1:])
-    backbone = functools.partial(backbones.BACKBONES[FLAGS.backbone], FLAGS.width)
+    backbone = _backbone(dense=any(len(t.label_shape) >= 2 for t in tasks))
     print(f"{FLAGS.strategy} strategy: {strategy.num_replicas_in_sync} replicas")
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.output_dir, "export")
     if not FLAGS.resume and chief:

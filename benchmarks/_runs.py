@@ -14,8 +14,9 @@ def train(out, flags):
     out = os.path.join(ROOT, "benchmarks", "runs", out)
     results = os.path.join(out, "results.json")
     if not os.path.exists(results):
+        # After `flags`: a --flagfile's own --output_dir must not win.
         subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
-                        f"--output_dir={out}", "--verbose=0", *flags],
+                        *flags, f"--output_dir={out}", "--verbose=0"],
                        check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
     with open(results) as f, open(os.path.join(out, "history.json")) as h:
         return json.load(f), json.load(h), results

@@ -5,7 +5,7 @@ dataset, batched and ready for `model.fit`, together with its tasks and their
 numbers of classes. The datasets come in two structures:
 
 * Jointly labelled (`"multifashion"`, `"multifashion_texture"`,
-  `"synthetic"`): every example has a label for every task. Elements are
+  `"fashion_scenes"`, `"synthetic"`): every example has a label for every task. Elements are
   `(image, {task_name: label})`.
 * Not jointly labelled (`"fashion_groups"`, `"fashion_domains"`,
   `"synthetic_groups"`): every
@@ -28,11 +28,13 @@ import typing
 import numpy as np
 import tensorflow as tf
 
+from tf_mtl import tasks as task_specs
 from tf_mtl.data import _utils
 from tf_mtl.data.base import MultiTaskData
 from tf_mtl.data import fashion_domains
 from tf_mtl.data import fashion_groups
 from tf_mtl.data import fashion_mnist
+from tf_mtl.data import fashion_scenes
 from tf_mtl.data import multifashion
 from tf_mtl.data import multifashion_texture
 from tf_mtl.data import ordering
@@ -74,6 +76,12 @@ def _seeded_builder(make):
         }
 
     return build
+
+
+def _build_fashion_scenes(seed, fashion, limit):
+    # Three Fashion-MNIST images make one scene: `limit` counts scenes.
+    build = _seeded_builder(fashion_scenes.make_fashion_scenes)
+    return build(seed, fashion, limit and limit * fashion_scenes.ITEMS)
 
 
 def _build_fashion_groups(seed, fashion, limit):
@@ -120,6 +128,7 @@ class _Dataset(typing.NamedTuple):
     build: typing.Callable
     task_classes: dict
     jointly_labelled: bool
+    tasks: tuple = None  # default: a classification per task
 
 
 _SYNTHETIC_TASK_CLASSES = {
@@ -145,6 +154,15 @@ _DATASETS = {
         _seeded_builder(fashion_domains.make_fashion_domains),
         fashion_domains.TASK_NUM_CLASSES,
         False,
+    ),
+    "fashion_scenes": _Dataset(
+        _build_fashion_scenes,
+        {"semantic": fashion_scenes.NUM_CLASSES, "depth": None, "normal": None},
+        True,
+        (task_specs.segmentation("semantic", fashion_scenes.NUM_CLASSES,
+                                 (fashion_scenes.SIZE,) * 2),
+         task_specs.depth("depth", (fashion_scenes.SIZE,) * 2),
+         task_specs.surface_normals("normal", (fashion_scenes.SIZE,) * 2)),
     ),
     "synthetic": _Dataset(
         _synthetic_builder(synthetic.make_synthetic),
@@ -176,6 +194,9 @@ def load(name, batch_size=128, seed=0, data_dir=None, limit=None, download=False
             of a noise texture added to each image, jointly labelled),
             `"fashion_domains"` (one 10-class task in four domains, each a
             transformation of the images: PPNet's distributed scenario),
+            `"fashion_scenes"` (dense prediction: segmentation, depth and
+            surface normals of scenes of three items, jointly labelled;
+            `limit` counts scenes),
             `"synthetic"` and
             `"synthetic_groups"` (tiny learnable datasets for tests, of
             each structure).
@@ -222,6 +243,7 @@ def load(name, batch_size=128, seed=0, data_dir=None, limit=None, download=False
         test=_to_dataset(splits["test"], batch_size),
         task_classes=dict(spec.task_classes),
         jointly_labelled=spec.jointly_labelled,
+        tasks=spec.tasks,
     )
 
 

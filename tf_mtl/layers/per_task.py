@@ -207,7 +207,7 @@ class PerTaskConv2D(PerTaskLayer):
     """A 2-D convolution per task: row i is convolved with `W[t_i]`.
 
     `kernel` is `(T, kh, kw, in, filters)`, `bias` `(T, filters)`; channels
-    last.
+    last. `dilation_rate` is Keras' (atrous convolution, stride 1).
 
     Example:
 
@@ -220,11 +220,15 @@ class PerTaskConv2D(PerTaskLayer):
 
     def __init__(self, num_tasks, filters, kernel_size, strides=1, padding="valid",
                  use_bias=True, kernel_initializer="glorot_uniform", kernel_regularizer=None,
-                 **kwargs):
+                 dilation_rate=1, **kwargs):
         super().__init__(num_tasks, **kwargs)
         self.filters = int(filters)
         self.kernel_size = _pair(kernel_size)
         self.strides = _pair(strides)
+        self.dilation_rate = _pair(dilation_rate)
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError("`strides` > 1 is incompatible with `dilation_rate` > 1. "
+                             f"Received: strides={strides}, dilation_rate={dilation_rate}")
         if padding not in ("valid", "same"):
             raise ValueError(
                 f"`padding` must be 'valid' or 'same'. Received: padding={padding!r}")
@@ -246,15 +250,17 @@ class PerTaskConv2D(PerTaskLayer):
         kernel, bias = self.weight("kernel"), self.weight("bias")
 
         def conv(t, rows):
-            y = tf.nn.conv2d(rows, tf.cast(kernel[t], rows.dtype),
-                             self.strides, self.padding.upper())
+            y = tf.nn.conv2d(rows, tf.cast(kernel[t], rows.dtype), self.strides,
+                             self.padding.upper(), dilations=self.dilation_rate)
             return y + tf.cast(bias[t], y.dtype) if self.use_bias else y
 
         return per_task(x, task_ids, self.num_tasks, conv)
 
     def compute_output_shape(self, x_shape, task_ids_shape=None):
         spatial = []
-        for size, k, s in zip(x_shape[1:3], self.kernel_size, self.strides):
+        for size, k, s, d in zip(x_shape[1:3], self.kernel_size, self.strides,
+                                 self.dilation_rate):
+            k = (k - 1) * d + 1
             if size is None:
                 spatial.append(None)
             elif self.padding == "same":
@@ -267,6 +273,7 @@ class PerTaskConv2D(PerTaskLayer):
         return {**super().get_config(), "filters": self.filters,
                 "kernel_size": self.kernel_size, "strides": self.strides,
                 "padding": self.padding, "use_bias": self.use_bias,
+                "dilation_rate": self.dilation_rate,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer)}
 

@@ -1,25 +1,4 @@
-"""Backbones built from blocks with conditioning sites.
-
-A *site* is the point of a block right after normalisation and before the
-activation of one convolution or dense layer: the place where a method puts
-its task-conditioned layer (an MPPS mask, a roaming partition). The Maximum
-Roaming reference code masks there, and for a Bernoulli mask it is the same as
-masking the neuron's output. A backbone is a list of layers; `sites(backbone)`
-lists its sites in forward order and `Block.condition` fills one.
-
-Blocks are called as `block(x, task_ids, training=..., route=route)` and
-return `(x, task_ids)`. Rows without a task yet (`task_ids` None) enter the
-routed part at the first site that needs task ids, through
-`route(x) -> (x, task_ids)` (tiling a jointly labelled batch, or the data's
-own task ids), so the convolution and normalisation before it run once for
-all tasks. From there on, normalisation uses each task's own batch
-statistics (`TaskBatchNormalization`): the routed rows of a task compute
-what that task's own pass would.
-
-Every backbone has a *per-task twin*, `lenet(..., num_tasks=T)`: the same
-architecture with one copy of every weight per task (`tf_mtl.layers.PerTask*`),
-routed from its first layer: SMTL's private encoders, a one-model STL.
-"""
+"""Blocks with conditioning sites, and how a backbone (a list of layers) runs."""
 
 import keras
 import tensorflow as tf
@@ -77,14 +56,14 @@ class Block(keras.layers.Layer):
     # `tf_mtl.layers.passing.passing_spec`; convolution and dense kernels
     # penalised by `kernel_regularizer`).
 
-    def _conv(self, filters, kernel_size, strides=1, padding="same"):
+    def _conv(self, filters, kernel_size, strides=1, padding="same", dilation_rate=1):
         if self.num_tasks:
             return PerTaskConv2D(self.num_tasks, filters, kernel_size, strides=strides,
                                  padding=padding, use_bias=False,
                                  kernel_regularizer=self.kernel_regularizer,
-                                 **layer_passing(self.passing))
+                                 dilation_rate=dilation_rate, **layer_passing(self.passing))
         return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding,
-                                   use_bias=False)
+                                   dilation_rate=dilation_rate, use_bias=False)
 
     def _norm(self):
         if self.num_tasks:
@@ -211,21 +190,27 @@ class Block(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
 class ConvUnit(Block):
-    """Conv2D -> BatchNorm -> [site] -> activation -> optional max-pool."""
+    """Conv2D -> BatchNorm -> [site] -> activation -> optional max-pool
+    (`pool_strides` default: `pool_size`)."""
 
     def __init__(self, filters, kernel_size=3, strides=1, padding="same",
-                 pool_size=None, activation="relu", num_tasks=None, **kwargs):
+                 pool_size=None, activation="relu", num_tasks=None, dilation_rate=1,
+                 pool_strides=None, **kwargs):
         super().__init__(num_tasks, **kwargs)
         self.filters = filters
         self.kernel_size = kernel_size
         self.strides = strides
         self.padding = padding
         self.pool_size = pool_size
+        self.pool_strides = pool_strides
         self.activation_name = activation
-        self.conv = self._conv(filters, kernel_size, strides, padding)
+        self.dilation_rate = dilation_rate
+        self.conv = self._conv(filters, kernel_size, strides, padding, dilation_rate)
         self.norm = self._norm()
         self.activation = keras.layers.Activation(activation)
-        self.pool = keras.layers.MaxPooling2D(pool_size) if pool_size else None
+        self.pool = keras.layers.MaxPooling2D(
+            pool_size, pool_strides, padding="same" if pool_strides else "valid"
+        ) if pool_size else None
 
     @property
     def site_channels(self):
@@ -239,7 +224,8 @@ class ConvUnit(Block):
         return {**super().get_config(), "filters": self.filters,
                 "kernel_size": self.kernel_size, "strides": self.strides,
                 "padding": self.padding, "pool_size": self.pool_size,
-                "activation": self.activation_name}
+                "pool_strides": self.pool_strides, "activation": self.activation_name,
+                "dilation_rate": self.dilation_rate}
 
     def stages(self):
         return self._convolve, self._activate
@@ -293,12 +279,14 @@ class ResidualUnit(Block):
     two convolutions' normalisation; the projection shortcut has no site.
     """
 
-    def __init__(self, filters, strides=1, num_tasks=None, **kwargs):
+    def __init__(self, filters, strides=1, num_tasks=None, dilation_rate=1, **kwargs):
         super().__init__(num_tasks, **kwargs)
         self.filters = filters
         self.strides = strides
-        self.conv1, self.norm1 = self._conv(filters, 3, strides), self._norm()
-        self.conv2, self.norm2 = self._conv(filters, 3), self._norm()
+        self.dilation_rate = dilation_rate
+        self.conv1 = self._conv(filters, 3, strides, dilation_rate=dilation_rate)
+        self.conv2 = self._conv(filters, 3, dilation_rate=dilation_rate)
+        self.norm1, self.norm2 = self._norm(), self._norm()
         self.shortcut = None
 
     @property
@@ -309,18 +297,20 @@ class ResidualUnit(Block):
     def site_layers(self):
         return (self.conv1, self.conv2)
 
+    output_channels = property(lambda self: self.filters)
+
     def build(self, input_shape):
-        if self.strides != 1 or input_shape[-1] != self.filters:
+        if self.strides != 1 or input_shape[-1] != self.output_channels:
             # A strided 1x1 convolution is a subsampling, then a 1x1 one: the
             # same values, and oneDNN (TF 2.21, AVX-512 CPUs) corrupts its
             # heap in the strided one's filter gradient at some odd batch
             # sizes (4 -> 8 channels, batch 1, 3, 7, 9).
             self.shortcut = [keras.layers.MaxPooling2D(1, self.strides),
-                             self._conv(self.filters, 1), self._norm()]
+                             self._conv(self.output_channels, 1), self._norm()]
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters,
-                "strides": self.strides}
+                "strides": self.strides, "dilation_rate": self.dilation_rate}
 
     def stages(self):
         # The state is (residual branch, shortcut).
@@ -344,6 +334,45 @@ class ResidualUnit(Block):
     def _merge(self, state, task_ids, training):
         h, skip = state
         return (keras.ops.relu(h + skip),)
+
+
+@keras.saving.register_keras_serializable(package="tf_mtl")
+class BottleneckUnit(ResidualUnit):
+    """The bottleneck block of ResNet-50 (He et al. 2016; stride on the 3x3
+    convolution, as torchvision): 1x1 to `filters`, 3x3 (strided or
+    dilated), 1x1 to `4 * filters`, a site after each normalisation, plus
+    the shortcut (projected where the shape changes, without a site).
+    """
+
+    expansion = 4
+    output_channels = property(lambda self: self.expansion * self.filters)
+
+    def __init__(self, filters, strides=1, num_tasks=None, dilation_rate=1, **kwargs):
+        Block.__init__(self, num_tasks, **kwargs)
+        self.filters = filters
+        self.strides = strides
+        self.dilation_rate = dilation_rate
+        self.conv1 = self._conv(filters, 1)
+        self.conv2 = self._conv(filters, 3, strides, dilation_rate=dilation_rate)
+        self.conv3 = self._conv(self.output_channels, 1)
+        self.norm1, self.norm2, self.norm3 = self._norm(), self._norm(), self._norm()
+        self.shortcut = None
+
+    @property
+    def site_channels(self):
+        return (self.filters, self.filters, self.output_channels)
+
+    @property
+    def site_layers(self):
+        return (self.conv1, self.conv2, self.conv3)
+
+    def stages(self):
+        return self._first, self._second, self._third, self._merge
+
+    def _third(self, state, task_ids, training):
+        h, skip = state
+        h = _apply(self.conv3, keras.ops.relu(h), task_ids, training)
+        return self.norm3(h, task_ids, training=training), skip
 
 
 def run_layers(layers, x, route, training, task_ids=None):
@@ -405,6 +434,13 @@ def is_per_task(layers):
     return any(not isinstance(l, WEIGHTLESS) for l in layers) and all(map(per_task, layers))
 
 
+def scaled(channels, width):
+    """`channels` times the width multiplier, at least 1."""
+    if not width > 0:
+        raise ValueError(f"`width` must be > 0. Received: width={width}")
+    return max(1, round(channels * width))
+
+
 def sites(backbone):
     """Every `(block, site, channels)` of a backbone, in forward order."""
     return [
@@ -412,53 +448,3 @@ def sites(backbone):
         for block in backbone if isinstance(block, Block)
         for site, channels in enumerate(block.site_channels)
     ]
-
-
-def _scaled(channels, width):
-    if not width > 0:
-        raise ValueError(f"`width` must be > 0. Received: width={width}")
-    return max(1, round(channels * width))
-
-
-def lenet(width=1.0, num_tasks=None, passing=None, kernel_regularizer=None):
-    """LeNet-style CNN for 28x28 inputs (the MultiMNIST network of Sener &
-    Koltun 2018 with batch normalisation): two 5x5 convolutions with 2x2
-    max-pooling, then a dense layer. 3 sites; `width` scales every layer;
-    `num_tasks` makes the per-task twin, `passing` (a `passing_spec`) its
-    passed version, `kernel_regularizer` penalises its kernels.
-    """
-    per_task = {"num_tasks": num_tasks, "passing": passing,
-                "kernel_regularizer": kernel_regularizer}
-    return [
-        ConvUnit(_scaled(20, width), 5, padding="valid", pool_size=2, **per_task),
-        ConvUnit(_scaled(50, width), 5, padding="valid", pool_size=2, **per_task),
-        keras.layers.Flatten(),
-        DenseUnit(_scaled(256, width), **per_task),
-    ]
-
-
-def resnet(width=1.0, blocks_per_stage=1, num_tasks=None, passing=None,
-           kernel_regularizer=None):
-    """A small ResNet: a 3x3 stem convolution, three stages of residual
-    blocks (16, 32, 64 channels times `width`, the last two at stride 2) and
-    global average pooling. With one block per stage it has 7 sites, the last
-    6 being the block convolutions. `num_tasks` makes the per-task twin,
-    `passing` (a `passing_spec`) its passed version, `kernel_regularizer`
-    penalises its kernels.
-    """
-    if int(blocks_per_stage) < 1:
-        raise ValueError(
-            f"`blocks_per_stage` must be >= 1. Received: {blocks_per_stage}"
-        )
-    per_task = {"num_tasks": num_tasks, "passing": passing,
-                "kernel_regularizer": kernel_regularizer}
-    layers = [ConvUnit(_scaled(16, width), 3, **per_task)]
-    for stage, channels in enumerate((16, 32, 64)):
-        for block in range(blocks_per_stage):
-            strides = 2 if stage > 0 and block == 0 else 1
-            layers.append(ResidualUnit(_scaled(channels, width), strides, **per_task))
-    layers.append(keras.layers.GlobalAveragePooling2D())
-    return layers
-
-
-BACKBONES = {"lenet": lenet, "resnet": resnet}
