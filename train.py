@@ -37,8 +37,10 @@ flags.DEFINE_enum("method", "mpps",
                   "Method to train (PPNet's Share-W baseline is hps).")
 flags.DEFINE_enum("dataset", "multifashion",
                   ["multifashion", "multifashion_texture", "fashion_groups",
-                   "fashion_domains", "fashion_scenes", "synthetic", "synthetic_groups"],
-                  "Data set (tf_mtl.data.load).")
+                   "fashion_domains", "fashion_scenes", "synthetic", "synthetic_groups",
+                   "nyuv2", "cityscapes", "multi_cifar100", "celeba"],
+                  "Data set (tf_mtl.data.load); the papers' (nyuv2 ... celeba) are read "
+                  "from --data_dir (see the README's 'Reproducing the papers').")
 flags.DEFINE_enum("backbone", "lenet",
                   ["lenet", "resnet", "resnet18", "resnet34", "resnet50", "vgg16", "segnet"],
                   "Shared backbone (tf_mtl.backbones.BACKBONES).")
@@ -55,6 +57,19 @@ flags.DEFINE_integer("epochs", 8, "Training epochs.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
 flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Optimizer (sgd: momentum 0.9).")
 flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.", lower_bound=1e-8)
+flags.DEFINE_enum("lr_schedule", "constant", ["constant", "step", "cosine"],
+                  "Learning rate over training: constant; step (times --lr_decay_rate "
+                  "every --lr_decay_epochs); cosine (decayed to 0 at the last step).")
+flags.DEFINE_float("lr_decay_epochs", 100, "step schedule: epochs between two decays.",
+                   lower_bound=1e-3)
+flags.DEFINE_float("lr_decay_rate", 0.5, "step schedule: factor of each decay.",
+                   lower_bound=0.0)
+flags.DEFINE_float("weight_decay", 0.0,
+                   "Weight decay of the optimizer (Keras': decoupled, as AdamW; PyTorch's "
+                   "Adam adds it to the gradient instead).", lower_bound=0.0)
+flags.DEFINE_enum("cityscapes_classes", "7", ["7", "10", "19"],
+                  "Semantic classes of --dataset=cityscapes (MTAN's 7, Auto-Lambda's 10, "
+                  "or the 19 of the benchmark).")
 flags.DEFINE_integer("seed", 0, "Seed of data, initialisation and masks.", lower_bound=0)
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
                   "tf.distribute strategy: default (one device), mirrored (all local "
@@ -72,10 +87,14 @@ flags.DEFINE_bool("jit_compile", False,
                   "Compile the train step with XLA (see the README for what it costs).")
 flags.DEFINE_string("output_dir", "runs/latest", "Where history, logs and figures go.")
 flags.DEFINE_string("export_dir", None, "Where the export goes (default: <output_dir>/export).")
-flags.DEFINE_string("data_dir", None, "Folder of the Fashion-MNIST IDX files.")
+flags.DEFINE_bool("export", True, "Export the trained model (SavedModel + .tflite).")
+flags.DEFINE_string("data_dir", None,
+                    "Folder of the Fashion-MNIST IDX files, of NYUv2's or Cityscapes' "
+                    ".npy files, or the TensorFlow Datasets folder (multi_cifar100, "
+                    "celeba).")
 flags.DEFINE_bool("download", False,
-                  "Without the IDX files, let TensorFlow Datasets download "
-                  "Fashion-MNIST (needs a network).")
+                  "Let TensorFlow Datasets download what --data_dir lacks "
+                  "(Fashion-MNIST, CIFAR-100, CelebA; needs a network).")
 flags.DEFINE_integer("limit", None, "Keep at most this many examples per split.",
                      lower_bound=1)
 flags.DEFINE_string("reference", None,
@@ -177,10 +196,32 @@ def _backbone(dense):
     return functools.partial(backbones.BACKBONES[FLAGS.backbone], FLAGS.width, **options)
 
 
-def _optimizer():
+def _learning_rate(steps_per_epoch):
+    """--learning_rate under --lr_schedule, a function of the optimizer's
+    step count (which checkpoints keep: a resumed run goes on where it was)."""
+    if FLAGS.lr_schedule == "constant":
+        return FLAGS.learning_rate
+    if steps_per_epoch < 1:
+        raise app.UsageError(f"--lr_schedule={FLAGS.lr_schedule} needs the number of "
+                             "steps per epoch, and the training split does not say it.")
+    if FLAGS.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(FLAGS.learning_rate,
+                                                      FLAGS.epochs * steps_per_epoch)
+    every = max(1, round(FLAGS.lr_decay_epochs * steps_per_epoch))
+    boundaries = list(range(every, FLAGS.epochs * steps_per_epoch, every))
+    if not boundaries:  # Keras' piecewise schedule needs one
+        return FLAGS.learning_rate
+    return keras.optimizers.schedules.PiecewiseConstantDecay(
+        boundaries, [FLAGS.learning_rate * FLAGS.lr_decay_rate ** k
+                     for k in range(len(boundaries) + 1)])
+
+
+def _optimizer(steps_per_epoch):
+    rate = _learning_rate(steps_per_epoch)
+    decay = {"weight_decay": FLAGS.weight_decay} if FLAGS.weight_decay else {}
     if FLAGS.optimizer == "sgd":
-        return keras.optimizers.SGD(FLAGS.learning_rate, momentum=0.9)
-    return keras.optimizers.Adam(FLAGS.learning_rate)
+        return keras.optimizers.SGD(rate, momentum=0.9, **decay)
+    return keras.optimizers.Adam(rate, **decay)
 
 
 def _strategy():
@@ -316,7 +357,7 @@ def _fit(model, strategy, train, validation, test, callbacks, name=None):
     for split, data in (("training", train), ("validation", validation), ("test", test)):
         model.check_dataset(data, f"the {split} split")  # all before the first step
     with strategy.scope():  # the optimizer's variables are mirrored too
-        model.compile(optimizer=_optimizer(), jit_compile=FLAGS.jit_compile,
+        model.compile(optimizer=_optimizer(int(train.cardinality())), jit_compile=FLAGS.jit_compile,
                       weighting=weighting.from_flags(FLAGS),
                       aggregator=aggregation.from_flags(FLAGS),
                       aggregate_on=FLAGS.aggregate_on,
@@ -363,7 +404,8 @@ def _train_single_tasks(data, tasks, input_shape, strategy, backbone, export_dir
         results.update({k: v for k, v in task_results.items() if k != "loss"})
         if _is_chief(strategy):
             model.save(os.path.join(FLAGS.output_dir, f"model_{task.name}.keras"))
-            export.export(model, os.path.join(export_dir, task.name))
+            if FLAGS.export:
+                export.export(model, os.path.join(export_dir, task.name))
     return histories, results
 
 
@@ -428,10 +470,12 @@ def main(argv):
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
     try:
+        options = ({"num_classes": int(FLAGS.cityscapes_classes)}
+                   if FLAGS.dataset == "cityscapes" else {})
         data = datasets.load(FLAGS.dataset, FLAGS.batch_size, FLAGS.seed,
-                             FLAGS.data_dir, FLAGS.limit, FLAGS.download)
-    except FileNotFoundError as error:
-        raise app.UsageError(str(error)) from None
+                             FLAGS.data_dir, FLAGS.limit, FLAGS.download, **options)
+    except (FileNotFoundError, ValueError) as error:
+        raise app.UsageError(f"--dataset={FLAGS.dataset}: {error}") from None
     tasks = _dense_tasks(list(data.tasks))
     reference = _load_reference(tasks)
     input_shape = tuple(data.train.element_spec[0].shape[1:])
@@ -468,13 +512,16 @@ def main(argv):
             model.save(os.path.join(folder, "model.keras"))
             return
         model.save(os.path.join(FLAGS.output_dir, "model.keras"))
-        export.export(model, export_dir)
+        if FLAGS.export:
+            export.export(model, export_dir)
         for callback in callbacks:
             if isinstance(callback, ExclusiveCapacityScheduler):
                 extra["mpps"] = callback.history
                 plots.plot_capacity(callback.history,
                                     os.path.join(FLAGS.output_dir, "ec.png"))
-                if len(tasks) >= 3:
+                # MPPS draws it for 3 tasks: a panel per task of C(T-1, 2)
+                # lines per layer, unreadable (and minutes to draw) for 20.
+                if 3 <= len(tasks) <= 5:
                     plots.plot_share_proportions(
                         callback.history, [t.name for t in tasks],
                         os.path.join(FLAGS.output_dir, "share_proportions.png"))
@@ -498,7 +545,7 @@ def main(argv):
         json.dump(results, f, indent=1, default=float)
     _print_table(tasks, results)
     print(f"\n{FLAGS.method} on {FLAGS.dataset}: {time.time() - start:.0f} s; "
-          f"outputs in {FLAGS.output_dir}, export in {export_dir}")
+          f"outputs in {FLAGS.output_dir}" + (f", export in {export_dir}" if FLAGS.export else ""))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def relative_improvement(results, reference, higher_is_better):
     paper's 1/T sum over tasks), `C_k = +1` where higher is better, -1
     otherwise. `reference` holds the single-task results P_base.
 
-    >>> relative_improvement({"a_acc": 0.9}, {"a_acc": 0.75}, {"a_acc": True})
+    >>> round(relative_improvement({"a_acc": 0.9}, {"a_acc": 0.75}, {"a_acc": True}), 6)
     20.0
     """
     if not higher_is_better:

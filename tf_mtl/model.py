@@ -80,7 +80,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
     >>> heads = [tasks.classification(n, k) for n, k in mf.task_classes.items()]
     >>> model = MultiTaskModel(backbones.lenet(), heads, (28, 28, 1))
     >>> model.compile(optimizer="adam")
-    >>> history = model.fit(mf.train, epochs=1)
+    >>> history = model.fit(mf.train, epochs=1, verbose=0)
     """
 
     def __init__(self, backbone, tasks, input_shape, jointly_labelled=True,

@@ -162,6 +162,37 @@ def classification(name, num_classes, loss_weight=1.0):
     )
 
 
+@task_factory
+def binary_attributes(name, num_attributes, loss_weight=1.0):
+    """A task of `num_attributes` binary attributes: a linear head of one
+    logit per attribute, the sigmoid cross-entropy averaged over the
+    attributes, and their accuracy (logit > 0 predicts 1) averaged over
+    attributes and examples. Labels are float 0/1 of shape
+    `(num_attributes,)`.
+
+    >>> task = binary_attributes("mouth", num_attributes=4)
+    >>> tuple(task.head()(numpy.zeros((2, 8))).shape)
+    (2, 4)
+    """
+    if int(num_attributes) < 1:
+        raise ValueError(
+            f"Task {name!r}: `num_attributes` must be >= 1. Received: {num_attributes}")
+
+    def loss(y_true, logits):
+        return keras.losses.binary_crossentropy(
+            tf.cast(y_true, tf.float32), tf.cast(logits, tf.float32), from_logits=True)
+
+    return Task(
+        name=name,
+        head=lambda: keras.layers.Dense(num_attributes, name=f"{name}_head"),
+        loss=loss,
+        metrics=(Metric(
+            "accuracy", functools.partial(keras.metrics.BinaryAccuracy, threshold=0.0)),),
+        label_shape=(int(num_attributes),),
+        loss_weight=loss_weight,
+    )
+
+
 def _pixel_mean(values, valid):
     """Per-example mean of `values` `(batch, H, W)` over its `valid` pixels
     (0 for an example without one): the dense tasks' per-example loss."""

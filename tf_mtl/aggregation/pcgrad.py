@@ -29,7 +29,8 @@ class PCGrad(GramianAggregator):
     >>> pcgrad = PCGrad()
     >>> pcgrad.build(2)
     >>> g = tf.constant([[1.0, 0.0], [-1.0, 1.0]])
-    >>> pcgrad.aggregate(g, tf.matmul(g, g, transpose_b=True))  # [0.5, 1.5]
+    >>> pcgrad.aggregate(g, tf.matmul(g, g, transpose_b=True)).numpy()
+    array([0.5, 1.5], dtype=float32)
     """
 
     def __init__(self, seed=0, **kwargs):

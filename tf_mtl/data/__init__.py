@@ -23,6 +23,7 @@ models take `callbacks=order_callbacks(train)`).
 """
 
 import functools
+import importlib
 import typing
 
 import numpy as np
@@ -177,12 +178,39 @@ _DATASETS = {
 }
 
 
+# The papers' data sets, read from --data_dir or TensorFlow Datasets:
+# `(module, function, takes download)`; imported when asked for, as
+# tensorflow_datasets is slow to import.
+_PAPER_DATASETS = {
+    "nyuv2": ("nyuv2_cityscapes", "load_nyuv2", False),
+    "cityscapes": ("nyuv2_cityscapes", "load_cityscapes", False),
+    "multi_cifar100": ("multi_cifar100", "load_multi_cifar100", True),
+    "celeba": ("celeba", "load_celeba", True),
+}
+
+
+def _load_paper_dataset(name, batch_size, seed, data_dir, limit, download, options):
+    module, function, downloads = _PAPER_DATASETS[name]
+    if download and not downloads:
+        raise ValueError(f"{name!r} cannot be downloaded: put its preprocessed .npy "
+                         "files under `data_dir` (see the README).")
+    if data_dir is None and not downloads:
+        raise ValueError(f"{name!r} is read from `data_dir`, its preprocessed .npy "
+                         "folder (see the README). Received: data_dir=None")
+    load_split = getattr(importlib.import_module(f"tf_mtl.data.{module}"), function)
+    if downloads:
+        options = {**options, "download": download}
+    return load_split(data_dir=data_dir, batch_size=batch_size, seed=seed, limit=limit,
+                      **options)
+
+
 def _to_dataset(arrays, batch_size):
     dataset = tf.data.Dataset.from_tensor_slices(arrays)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def load(name, batch_size=128, seed=0, data_dir=None, limit=None, download=False):
+def load(name, batch_size=128, seed=0, data_dir=None, limit=None, download=False,
+         **options):
     """Loads a multi-task dataset as batched `tf.data` pipelines.
 
     Args:
@@ -199,20 +227,28 @@ def load(name, batch_size=128, seed=0, data_dir=None, limit=None, download=False
             `limit` counts scenes),
             `"synthetic"` and
             `"synthetic_groups"` (tiny learnable datasets for tests, of
-            each structure).
+            each structure); the papers' data sets, which this machine
+            cannot download: `"nyuv2"` and `"cityscapes"` (MTAN's
+            preprocessed `.npy` folder in `data_dir`:
+            `nyuv2_cityscapes`), `"multi_cifar100"` (`multi_cifar100`)
+            and `"celeba"` (`celeba`), through TensorFlow Datasets.
         batch_size: Number of examples per batch.
         seed: Seed of everything random: the validation split and the
             MultiFashion partners (Fashion-MNIST datasets), the examples
             (synthetic datasets) and the order of the training examples,
             which in epoch e is a function of (seed, e) alone, so a resumed
             run sees the batches an uninterrupted one sees.
-        data_dir: Folder holding the Fashion-MNIST IDX files; see
-            `load_fashion_mnist`. Unused by the synthetic datasets.
-        download: Whether Fashion-MNIST may come from TensorFlow Datasets
-            (which downloads it) when its IDX files are not found.
+        data_dir: Folder holding the Fashion-MNIST IDX files (see
+            `load_fashion_mnist`), NYUv2's or Cityscapes' `.npy` folder, or
+            the TensorFlow Datasets folder of Multi-CIFAR100 and CelebA.
+            Unused by the synthetic datasets.
+        download: Whether Fashion-MNIST, CIFAR-100 or CelebA may be
+            downloaded by TensorFlow Datasets when not found.
         limit: If set, keeps at most `limit` examples per split, for fast
             runs. MultiFashion partners are then drawn among the kept
             examples.
+        **options: further arguments of a paper data set's loader (e.g.
+            `num_classes` of `nyuv2_cityscapes.load_cityscapes`).
 
     Returns:
         A `MultiTaskData`. Splits of the Fashion-MNIST datasets: the
@@ -224,16 +260,22 @@ def load(name, batch_size=128, seed=0, data_dir=None, limit=None, download=False
         ValueError: If `name` is unknown, or `batch_size` or `limit` is not
             a positive integer.
         FileNotFoundError: If a Fashion-MNIST dataset is asked for and
-            Fashion-MNIST cannot be found; see `load_fashion_mnist`.
+            Fashion-MNIST cannot be found (see `load_fashion_mnist`), or a
+            paper's data set is not where `data_dir` says.
     """
-    if name not in _DATASETS:
+    if name not in _DATASETS and name not in _PAPER_DATASETS:
         raise ValueError(
-            f"Expected `name` to be one of {sorted(_DATASETS)}. "
+            f"Expected `name` to be one of {sorted(_DATASETS) + sorted(_PAPER_DATASETS)}. "
             f"Received: name={name!r}"
         )
     _utils.check_int("batch_size", batch_size, 1)
     if limit is not None:
         _utils.check_int("limit", limit, 1)
+    if name in _PAPER_DATASETS:
+        return _load_paper_dataset(name, batch_size, seed, data_dir, limit, download,
+                                   options)
+    if options:
+        raise ValueError(f"{name!r} takes no further options. Received: {options}")
     spec = _DATASETS[name]
     fashion = functools.partial(fashion_mnist.load_fashion_mnist, data_dir, download)
     splits = spec.build(seed, fashion, limit)

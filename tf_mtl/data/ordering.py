@@ -9,6 +9,9 @@ moves it on). Here epoch e yields the permutation
 that `EpochOrder` sets from `fit`'s own epoch counter, which
 `keras.callbacks.BackupAndRestore` restores.
 
+Data ordered or augmented otherwise (streamed from disk, augmented per
+example) take the epoch from `per_epoch`, under the same guarantee.
+
 `tf_mtl` models add `EpochOrder` to `fit` themselves (`order_callbacks`); a
 plain Keras model takes `callbacks=data.order_callbacks(train)`.
 """
@@ -39,6 +42,25 @@ def epoch_shuffled(arrays, batch_size, seed):
                .map(lambda rows: tf.nest.map_structure(lambda a: tf.gather(a, rows), arrays))
                .apply(tf.data.experimental.assert_cardinality(batches))  # fit's steps
                .prefetch(tf.data.AUTOTUNE))
+    return _register(dataset, epoch)
+
+
+def per_epoch(make):
+    """A dataset whose every iterator yields the elements of `make(epoch)`,
+    `epoch` (an int64 scalar tensor) being the epoch in force when the
+    iterator starts: for an order or augmentation that `make` draws from
+    (seed, epoch) with stateless random ops. `order_callbacks` and tf_mtl
+    models keep its epoch in step with `fit`, as for `epoch_shuffled`."""
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
+    # `make` is traced here; the trace reads the epoch at each iterator's
+    # first element.
+    dataset = tf.data.Dataset.from_tensors(0).flat_map(
+        lambda _: make(tf.identity(epoch)))
+    return _register(dataset, epoch)
+
+
+def _register(dataset, epoch):
+    """Lets `_epoch_variable` find `epoch` from `dataset` while it lives."""
     _ORDERED[id(dataset)] = (weakref.ref(dataset), epoch)
     weakref.finalize(dataset, _ORDERED.pop, id(dataset), None)
     return dataset

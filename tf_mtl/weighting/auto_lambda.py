@@ -45,10 +45,12 @@ class AutoLambda(Weighting):
         virtual_learning_rate: alpha; None: the network optimizer's
             current learning rate, as in the paper.
 
-    Example:
+    Usage, with `model` a `tf_mtl.MultiTaskModel`:
 
-    >>> model.compile("adam", weighting=tf_mtl.weighting.AutoLambda())
-    >>> model.fit(train, heldout_data=validation)
+    ```python
+    model.compile("adam", weighting=tf_mtl.weighting.AutoLambda())
+    model.fit(train, heldout_data=validation)
+    ```
     """
 
     fits_on_heldout_data = True

@@ -26,9 +26,11 @@ class DynamicWeightAverage(Weighting):
     Args:
         temperature: tau; 2 in the paper.
 
-    Example:
+    Usage, with `model` a `tf_mtl.MultiTaskModel`:
 
-    >>> model.compile("adam", weighting=tf_mtl.weighting.DynamicWeightAverage())
+    ```python
+    model.compile("adam", weighting=tf_mtl.weighting.DynamicWeightAverage())
+    ```
     """
 
     def __init__(self, temperature=2.0, **kwargs):

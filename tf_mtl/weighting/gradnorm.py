@@ -31,9 +31,11 @@ class GradNorm(Weighting):
     Args:
         alpha: the asymmetry; 1.5 in the paper's NYUv2 experiments.
 
-    Example:
+    Usage, with `model` a `tf_mtl.MultiTaskModel`:
 
-    >>> model.compile("adam", weighting=tf_mtl.weighting.GradNorm(alpha=1.5))
+    ```python
+    model.compile("adam", weighting=tf_mtl.weighting.GradNorm(alpha=1.5))
+    ```
     """
 
     needs_gramian = True

@@ -20,9 +20,11 @@ class UncertaintyWeighting(Weighting):
     (zeros: `w_t = 1/2` at the start), trained by the model's optimizer
     through the objective itself.
 
-    Example:
+    Usage, with `model` a `tf_mtl.MultiTaskModel`:
 
-    >>> model.compile("adam", weighting=tf_mtl.weighting.UncertaintyWeighting())
+    ```python
+    model.compile("adam", weighting=tf_mtl.weighting.UncertaintyWeighting())
+    ```
     """
 
     def build(self, num_tasks):
