@@ -18,7 +18,8 @@ import tf_mtl  # noqa: F401 (registers the saved classes)
 from test_resume import ENV, ROOT, _epochs_saved
 
 RUN = ["--method=mpps", "--dataset=synthetic", "--width=0.25", "--epochs=2",
-       "--batch_size=8", "--mpps_frozen_start=0", "--mpps_frozen_end=0", "--verbose=0"]
+       "--batch_size=8", "--mpps_frozen_start=0", "--mpps_frozen_end=0", "--verbose=0",
+       "--noexport"]
 # One process, two logical CPUs: a MirroredStrategy of two replicas.
 MIRRORED = ("import tensorflow as tf; cpu = tf.config.list_physical_devices('CPU')[0]; "
             "tf.config.set_logical_device_configuration("

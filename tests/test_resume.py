@@ -199,7 +199,7 @@ def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(metho
 TRAIN = [sys.executable, os.path.join(ROOT, "train.py"), "--method=mpps",
          "--dataset=synthetic", "--width=0.5", "--epochs=3", "--batch_size=4",
          "--mpps_layers=2", "--mpps_frozen_start=0", "--mpps_frozen_end=0",
-         "--verbose=0"]
+         "--verbose=0", "--noexport"]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 

@@ -19,8 +19,9 @@ from tf_mtl.tasks import classification
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("task_0", "task_1")
+# No export unless a test checks it ("--export"): it is a few seconds a run.
 FAST = ("--backbone=lenet", "--width=0.25", "--epochs=1", "--limit=64",
-        "--batch_size=32", "--verbose=0")
+        "--batch_size=32", "--verbose=0", "--noexport")
 
 
 def run_train(output_dir, *args):
@@ -48,7 +49,7 @@ def assert_task_accuracies(results):
 
 
 def test_hps_on_synthetic_writes_every_output(tmp_path, capsys):
-    out = run_train(tmp_path, "--method=hps", "--dataset=synthetic")
+    out = run_train(tmp_path, "--export", "--method=hps", "--dataset=synthetic")
 
     history = read_json(out / "history.json")["history"]
     results = read_json(out / "results.json")
@@ -66,7 +67,7 @@ def test_hps_on_synthetic_writes_every_output(tmp_path, capsys):
 
 
 def test_stl_on_synthetic_groups_trains_and_exports_each_task(tmp_path):
-    out = run_train(tmp_path, "--method=stl", "--dataset=synthetic_groups")
+    out = run_train(tmp_path, "--export", "--method=stl", "--dataset=synthetic_groups")
 
     history = read_json(out / "history.json")["history"]
     results = read_json(out / "results.json")
@@ -80,7 +81,7 @@ def test_stl_on_synthetic_groups_trains_and_exports_each_task(tmp_path):
 
 
 def test_mpps_on_synthetic_groups_writes_the_capacity_figure(tmp_path):
-    out = run_train(tmp_path, "--method=mpps", "--dataset=synthetic_groups",
+    out = run_train(tmp_path, "--export", "--method=mpps", "--dataset=synthetic_groups",
                     "--epochs=3", "--mpps_frozen_start=1", "--mpps_frozen_end=1")
 
     saved = read_json(out / "history.json")
@@ -117,7 +118,7 @@ def test_mpps_default_frozen_epochs_fit_a_one_epoch_run(tmp_path):
 def test_export_dir_flag_moves_the_export(tmp_path):
     export_dir = tmp_path / "deploy"
 
-    out = run_train(tmp_path / "run", "--method=hps", "--dataset=synthetic",
+    out = run_train(tmp_path / "run", "--export", "--method=hps", "--dataset=synthetic",
                     f"--export_dir={export_dir}")
 
     assert_export(export_dir)
@@ -178,7 +179,7 @@ def test_safe_mtl_logs_its_gates_and_draws_them(tmp_path, method):
 
 @pytest.mark.parametrize("method, updates", [("mr", 2), ("tr", 0)])
 def test_roaming_logs_update_ratio_and_overlap(tmp_path, method, updates):
-    out = run_train(tmp_path, f"--method={method}", "--dataset=synthetic", "--epochs=2",
+    out = run_train(tmp_path, "--export", f"--method={method}", "--dataset=synthetic", "--epochs=2",
                     "--roaming_interval=1", "--sharing_ratio=0.4")
     saved = read_json(out / "history.json")
     assert [r["epoch"] for r in saved["roaming"]] == [0, 1]
@@ -191,7 +192,7 @@ def test_roaming_logs_update_ratio_and_overlap(tmp_path, method, updates):
 
 
 def test_ppnet_alternates_and_draws_the_task_affinity(tmp_path):
-    out = run_train(tmp_path, "--method=ppnet", "--dataset=synthetic_groups", "--epochs=2",
+    out = run_train(tmp_path, "--export", "--method=ppnet", "--dataset=synthetic_groups", "--epochs=2",
                     "--ppnet_period=1", "--ppnet_passing=channel")
     saved = read_json(out / "history.json")
     assert saved["history"]["adjacent"] == [0.0, 1.0]
@@ -210,7 +211,7 @@ def test_ppnet_baselines_train(tmp_path, method):
 @pytest.mark.parametrize("flags", [["--method=mtan"],
                                    ["--method=cross_stitch", "--weighting=auto_lambda"]])
 def test_architectures_train_and_export(tmp_path, flags):
-    out = run_train(tmp_path, *flags, "--dataset=synthetic")
+    out = run_train(tmp_path, "--export", *flags, "--dataset=synthetic")
     assert_task_accuracies(read_json(out / "results.json"))
     assert_export(out / "export")
     if "--weighting=auto_lambda" in flags:  # fitted on the validation split
@@ -238,7 +239,7 @@ def test_mirrored_strategy_flag_trains(tmp_path):
     )
     done = subprocess.run(
         [sys.executable, "-c", code, f"--output_dir={tmp_path}", *FAST,
-         *method, "--dataset=synthetic", "--strategy=mirrored"],
+         *method, "--dataset=synthetic", "--strategy=mirrored", "--export"],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -271,7 +272,7 @@ def test_flag_set_out_of_range_is_rejected():
 
 
 def test_sequential_routing_flag_trains(tmp_path):
-    out = run_train(tmp_path, "--method=mpps", "--dataset=synthetic",
+    out = run_train(tmp_path, "--export", "--method=mpps", "--dataset=synthetic",
                     "--routing=sequential", "--mpps_frozen_start=0",
                     "--mpps_frozen_end=0")
     assert_task_accuracies(read_json(out / "results.json"))
@@ -384,7 +385,7 @@ def test_multi_worker_strategy_needs_tf_config(tmp_path, monkeypatch):
                                    ("--method=hps", "--jit_compile")])
 def test_precision_and_compilation_flags_train(tmp_path, flags):
     try:
-        out = run_train(tmp_path, *flags, "--dataset=synthetic")
+        out = run_train(tmp_path, "--export", *flags, "--dataset=synthetic")
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     assert_task_accuracies(read_json(out / "results.json"))
