@@ -19,6 +19,7 @@ from _runs import ROOT, train
 
 sys.path.insert(0, ROOT)
 
+from tf_mtl import dense_metrics  # noqa: E402
 from tf_mtl.data import load  # noqa: E402
 from tf_mtl.metrics import directions, relative_improvement, safeness, task_metrics  # noqa: E402
 
@@ -62,6 +63,20 @@ def main():
             compared = [cell(delta, 2), cell([x["delta_i"] for x in safe], 2),
                         cell([x["eta_hat"] for x in safe], 0)]
         print(f"| {label} | " + " | ".join(cells + compared) + " |")
+    print("\nFor scale, normals all facing the camera, (0, 0, -1), on the same test "
+          "split (seed 0): " + constant_normals())
+
+
+def constant_normals():
+    """Mean and median angle error of the constant prediction (0, 0, -1)."""
+    test = load("fashion_scenes", batch_size=256, limit=2048).test
+    mean = dense_metrics.MaskedMean("angle_error")
+    median = dense_metrics.MedianAngleError()
+    for _, labels in test:
+        facing = labels["normal"] * 0 + [0.0, 0.0, -1.0]
+        mean.update_state(labels["normal"], facing)
+        median.update_state(labels["normal"], facing)
+    return f"mean angle {float(mean.result()):.1f}, median {float(median.result()):.1f}."
 
 
 if __name__ == "__main__":

@@ -19,16 +19,16 @@ import train
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 64  # SegNet needs sides divisible by 32
-SHRINK = ("--epochs=1", "--limit=4", "--batch_size=2", "--verbose=0",
+SIZE = 32  # SegNet needs sides divisible by 32
+SHRINK = ("--epochs=1", "--limit=2", "--batch_size=1", "--verbose=0",
           "--mpps_frozen_start=0", "--mpps_frozen_end=0", "--noexport")
 
 
 def _write_npy(root, folders, classes):
-    """Four examples per split in the `.npy` layout of MTAN and Auto-Lambda."""
+    """Two examples per split in the `.npy` layout of MTAN and Auto-Lambda."""
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
-        for index in range(4):
+        for index in range(2):
             normal = rng.normal(size=(SIZE, SIZE, 3))
             arrays = {"image": rng.random((SIZE, SIZE, 3)),
                       "label": rng.integers(-1, classes, (SIZE, SIZE)),
@@ -79,7 +79,7 @@ def test_paper_config_trains_two_steps(config, tmp_path, eager):
     width = 0.125 if config == "mr_celeba" else 0.0625
     data_dir = DATA[data](tmp_path / "data")
     out = tmp_path / "out"
-    with flagsaver.flagsaver(), tfds.testing.mock_data(num_examples=4):
+    with flagsaver.flagsaver(), tfds.testing.mock_data(num_examples=2):
         FLAGS([
             "train.py", f"--flagfile={os.path.join(ROOT, 'configs', config + '.cfg')}",
             f"--data_dir={data_dir}", f"--output_dir={out}", f"--width={width}", *SHRINK])
