@@ -2,6 +2,7 @@
 
 from tf_mtl.layers.base import ObjectiveScope, TaskConditioned, objective_scope
 from tf_mtl.layers.cross_stitch import CrossStitch
+from tf_mtl.layers.dense_head import DenseHead
 from tf_mtl.layers.gate import EncoderGate
 from tf_mtl.layers.partition import ChannelPartition
 from tf_mtl.layers.per_task import (
@@ -14,7 +15,7 @@ from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 
 __all__ = [
     "TaskConditioned", "ProgressiveMask", "ChannelPartition", "TaskBatchNormalization", "EncoderGate",
-    "CrossStitch",
+    "CrossStitch", "DenseHead",
     "PerTaskDense", "PerTaskConv2D", "PerTaskBatchNormalization",
     "ObjectiveScope", "objective_scope",
 ]
