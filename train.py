@@ -68,8 +68,8 @@ flags.DEFINE_float("weight_decay", 0.0,
                    "Weight decay of the optimizer (Keras': decoupled, as AdamW; PyTorch's "
                    "Adam adds it to the gradient instead).", lower_bound=0.0)
 flags.DEFINE_enum("cityscapes_classes", "7", ["7", "10", "19"],
-                  "Semantic classes of --dataset=cityscapes (MTAN's 7, Auto-Lambda's 10, "
-                  "or the 19 of the benchmark).")
+                  "Semantic classes of --dataset=cityscapes: MTAN's 7, MPPS's 10 (its "
+                  "labelling unverified) or the benchmark's 19 (Auto-Lambda's).")
 flags.DEFINE_integer("seed", 0, "Seed of data, initialisation and masks.", lower_bound=0)
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
                   "tf.distribute strategy: default (one device), mirrored (all local "
@@ -208,7 +208,9 @@ def _learning_rate(steps_per_epoch):
         return keras.optimizers.schedules.CosineDecay(FLAGS.learning_rate,
                                                       FLAGS.epochs * steps_per_epoch)
     every = max(1, round(FLAGS.lr_decay_epochs * steps_per_epoch))
-    boundaries = list(range(every, FLAGS.epochs * steps_per_epoch, every))
+    # Keras' schedule keeps a boundary's step on the earlier rate; step k
+    # (from 0) is the first of a decayed epoch.
+    boundaries = [k - 1 for k in range(every, FLAGS.epochs * steps_per_epoch, every)]
     if not boundaries:  # Keras' piecewise schedule needs one
         return FLAGS.learning_rate
     return keras.optimizers.schedules.PiecewiseConstantDecay(
@@ -357,7 +359,8 @@ def _fit(model, strategy, train, validation, test, callbacks, name=None):
     for split, data in (("training", train), ("validation", validation), ("test", test)):
         model.check_dataset(data, f"the {split} split")  # all before the first step
     with strategy.scope():  # the optimizer's variables are mirrored too
-        model.compile(optimizer=_optimizer(int(train.cardinality())), jit_compile=FLAGS.jit_compile,
+        model.compile(optimizer=_optimizer(int(train.cardinality())),
+                      jit_compile=FLAGS.jit_compile,
                       weighting=weighting.from_flags(FLAGS),
                       aggregator=aggregation.from_flags(FLAGS),
                       aggregate_on=FLAGS.aggregate_on,

@@ -390,3 +390,43 @@ def test_precision_and_compilation_flags_train(tmp_path, flags):
         keras.mixed_precision.set_dtype_policy("float32")
     assert_task_accuracies(read_json(out / "results.json"))
     assert_export(out / "export")  # in float32: TFLite has no bfloat16 kernels
+
+
+def test_learning_rate_schedules_follow_the_step_count():
+    with flagsaver.flagsaver():
+        FLAGS(["train.py", "--learning_rate=0.1", "--epochs=5", "--lr_schedule=step",
+               "--lr_decay_epochs=2", "--lr_decay_rate=0.5"])
+        step = train._learning_rate(steps_per_epoch=10)
+        FLAGS(["train.py", "--learning_rate=0.1", "--epochs=5", "--lr_schedule=cosine"])
+        cosine = train._learning_rate(steps_per_epoch=10)
+        FLAGS(["train.py", "--weight_decay=1e-4", "--optimizer=sgd"])
+        optimizer = train._optimizer(steps_per_epoch=10)
+    rates = [float(step(s)) for s in (0, 19, 20, 39, 40, 49)]
+    np.testing.assert_allclose(rates, [0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    np.testing.assert_allclose([float(cosine(0)), float(cosine(25)), float(cosine(50))],
+                               [0.1, 0.05, 0.0], atol=1e-7)
+    assert optimizer.weight_decay == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--dataset=synthetic", "--aspp_rates=1,2"], "--aspp_rates is for dense tasks"),
+    (["--dataset=synthetic", "--backbone=segnet"], "--backbone=segnet outputs"),
+    (["--dataset=fashion_scenes", "--backbone=lenet"], "--backbone=lenet flattens"),
+    (["--dataset=fashion_scenes", "--backbone=resnet", "--aspp_rates=0"],
+     "--aspp_rates must be positive"),
+    (["--dataset=nyuv2"], "--dataset=nyuv2: 'nyuv2' is read from `data_dir`"),
+])
+def test_dense_flags_that_do_not_fit_the_data_are_refused_before_training(
+        tmp_path, arguments, message):
+    with pytest.raises(app.UsageError, match=message):
+        run_train(tmp_path, "--method=hps", "--limit=8", *arguments)
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_hps_trains_dense_tasks_through_train_py(tmp_path):
+    out = run_train(tmp_path, "--method=hps", "--dataset=fashion_scenes",
+                    "--backbone=resnet", "--aspp_rates=1,2", "--head_channels=8")
+    results = read_json(out / "results.json")
+    assert {"semantic_miou", "depth_absolute_error", "normal_median_angle"} <= set(results)
+    reloaded = keras.saving.load_model(out / "model.keras")
+    assert reloaded.heads["semantic"].aspp_rates == (1, 2)
