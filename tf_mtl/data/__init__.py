@@ -5,18 +5,21 @@ dataset, batched and ready for `model.fit`, together with its tasks and their
 numbers of classes. The datasets come in two structures:
 
 * Jointly labelled (`"multifashion"`, `"multifashion_texture"`,
-  `"fashion_scenes"`, `"synthetic"`): every example has a label for every task. Elements are
+  `"fashion_scenes"`, `"synthetic"`, `"nyuv2"`, `"cityscapes"`,
+  `"celeba"`): every example has a label for every task. Elements are
   `(image, {task_name: label})`.
 * Not jointly labelled (`"fashion_groups"`, `"fashion_domains"`,
-  `"synthetic_groups"`): every
-  example belongs to one task. Elements are `(image, task_id, label)`, where
-  `task_id` is the position of the task in `MultiTaskData.task_classes`.
+  `"synthetic_groups"`, `"multi_cifar100"`): every example belongs to one
+  task. Elements are `(image, task_id, label)`, where `task_id` is the
+  position of the task in `MultiTaskData.task_classes`.
 
-Images are float32 of shape `(28, 28, 1)` with values in [0, 1] (plus the
-unclipped texture in `"multifashion_texture"`); labels and task ids are
-int32 (a batch dimension comes first). The arrays are built in memory with
-numpy, then sliced by `tf.data.Dataset.from_tensor_slices`;
-the training split is gathered in an order that is a function of the seed
+Images of the Fashion-MNIST data sets are float32 `(28, 28, 1)` in [0, 1]
+(FashionScenes: `(32, 32, 1)`; plus the unclipped texture in
+`"multifashion_texture"`); class ids and task ids are int32 (a batch
+dimension comes first). Their arrays are built in memory with numpy, then
+sliced by `tf.data.Dataset.from_tensor_slices`; the papers' data sets are
+read by their modules (`nyuv2_cityscapes`, `multi_cifar100`, `celeba`).
+The training split is gathered in an order that is a function of the seed
 and the epoch alone, so a resumed run sees the batches of an uninterrupted
 one (`ordering`: `fit` of a tf_mtl model follows the epoch by itself, other
 models take `callbacks=order_callbacks(train)`).
