@@ -164,14 +164,13 @@ def _dense_tasks(tasks):
     if any(r < 1 for r in rates):
         raise app.UsageError(f"--aspp_rates must be positive integers. Received: "
                              f"{','.join(FLAGS.aspp_rates)}")
-    dense = [t for t in tasks if len(t.label_shape) >= 2]
-    if not dense:
+    if not any(t.dense for t in tasks):
         if rates:
             raise app.UsageError("--aspp_rates is for dense tasks; the tasks of "
                                  f"--dataset={FLAGS.dataset} are not.")
         return tasks
     head = {"aspp_rates": rates or None, "head_channels": FLAGS.head_channels}
-    return [task_specs.from_config({**t.get_config(), **head}) if t in dense else t
+    return [task_specs.from_config({**t.get_config(), **head}) if t.dense else t
             for t in tasks]
 
 
@@ -482,7 +481,7 @@ def main(argv):
     tasks = _dense_tasks(list(data.tasks))
     reference = _load_reference(tasks)
     input_shape = tuple(data.train.element_spec[0].shape[1:])
-    backbone = _backbone(dense=any(len(t.label_shape) >= 2 for t in tasks))
+    backbone = _backbone(dense=any(t.dense for t in tasks))
     print(f"{FLAGS.strategy} strategy: {strategy.num_replicas_in_sync} replicas")
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.output_dir, "export")
     if not FLAGS.resume and chief:

@@ -30,11 +30,17 @@ def valid_normals(y_true):
     return tf.reduce_any(tf.not_equal(y_true, 0), axis=-1)
 
 
-def angle_errors(y_true, y_pred):
-    """Angle in degrees between the predicted normal (normalised here) and
-    the label, per pixel: `(batch, H, W)`."""
+def normal_cosines(y_true, y_pred):
+    """Cosine between the predicted normal (normalised here) and the unit
+    label, per pixel: `(batch, H, W)`."""
     y_pred = tf.math.l2_normalize(tf.cast(y_pred, tf.float32), axis=-1)
-    cosine = tf.reduce_sum(y_pred * tf.cast(y_true, tf.float32), axis=-1)
+    return tf.reduce_sum(y_pred * tf.cast(y_true, tf.float32), axis=-1)
+
+
+def angle_errors(y_true, y_pred):
+    """Angle in degrees between the predicted normal and the label, per
+    pixel: `(batch, H, W)`."""
+    cosine = normal_cosines(y_true, y_pred)
     return tf.acos(tf.clip_by_value(cosine, -1.0, 1.0)) * (180.0 / np.pi)
 
 

@@ -83,6 +83,11 @@ class Task:
                 f"Received: loss_weight={self.loss_weight}"
             )
 
+    @property
+    def dense(self):
+        """Whether a label is a map, `(H, W, ...)`: a dense prediction task."""
+        return len(self.label_shape) >= 2
+
     def out_of_range(self, labels):
         """Which `labels` (numpy or TensorFlow) are neither class ids of this
         task nor its `ignore_label`."""
@@ -296,9 +301,8 @@ def surface_normals(name, output_size, head_channels=64, aspp_rates=None,
     ['mean_angle', 'median_angle', 'within_11_25', 'within_22_5', 'within_30']
     """
     def loss(y_true, y_pred):
-        y_pred = tf.math.l2_normalize(tf.cast(y_pred, tf.float32), axis=-1)
-        cosine = tf.reduce_sum(y_pred * tf.cast(y_true, tf.float32), axis=-1)
-        return _pixel_mean(1.0 - cosine, dense_metrics.valid_normals(y_true))
+        return _pixel_mean(1.0 - dense_metrics.normal_cosines(y_true, y_pred),
+                           dense_metrics.valid_normals(y_true))
 
     return Task(
         name=name,
