@@ -118,6 +118,23 @@ def test_target_update_reaches_every_capacity_where_clipping_binds():
     assert worst_closed_form > 0.05
 
 
+@pytest.mark.parametrize("num_tasks", [2, 3, 5])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_target_update_at_the_exclusive_capacity_keeps_the_init(num_tasks, dtype):
+    # Every schedule starts at C_i = 1 - eps. In float32 that is above the
+    # 1 - eps any target reaches; the update once drove every probability
+    # to eps, and task 0 became the owner of every channel.
+    init = exclusive_init(num_tasks, 12, 0.01)
+    capacity = tf.constant(0.99, dtype)
+    pi = rescale_capacity(init, capacity, 0.01).numpy()
+    np.testing.assert_allclose(pi, init, atol=1e-5)
+    np.testing.assert_array_equal(pi.argmax(0), init.argmax(0))
+    # Capacities out of [eps, 1 - eps] are those bounds.
+    np.testing.assert_allclose(rescale_capacity(init, 1.0, 0.01).numpy(), init, atol=1e-5)
+    np.testing.assert_allclose(exclusive_capacity(rescale_capacity(init, 0.0, 0.01)),
+                               0.01, atol=1e-5)
+
+
 def test_inference_is_identity_and_traces_no_random_op():
     layer = _mask(PHI)
     x = tf.random.normal((4, 3))

@@ -44,6 +44,11 @@ def exclusive_capacity(probs):
     return 1.0 - guests / (probs.shape[0] - 1)
 
 
+# How close to C_i the target update brings the EC: far below any
+# schedule's step and float32's resolution, above float64's rounding of EC.
+TOLERANCE = 1e-9
+
+
 def rescale_capacity(probs, capacity, eps, iterations=48):
     """Target update of Algorithm 1, `Pi = 1 - (C_i / C) * (1 - Phi)`,
     exact under clipping.
@@ -66,10 +71,20 @@ def rescale_capacity(probs, capacity, eps, iterations=48):
     bisection so that EC(Pi) = C_i: EC grows with k from eps (k = 0) to
     1 - eps (k = 1 / eps), so every C_i in [eps, 1 - eps] is reached, and
     where nothing clips k is `C_i / C`, Algorithm 1's.
+
+    EC is flat at 1 - eps for every k >= 1 of the exclusive initialisation
+    (the guests clip at eps, the owner is anything above them) up to
+    k = 1 / eps, where the owner clips at eps too and the channel has no
+    owner left. So the bisection takes the smallest k that reaches C_i,
+    and C_i is clipped to [eps, 1 - eps] and reached to within `TOLERANCE`
+    first: a float32 C_i = 0.99 is 0.99000000954 in float64, above the
+    1 - eps any k reaches, and without both every channel's k would run to
+    1 / eps and every probability to eps (task 0 would then own every
+    channel, an argmax of ties).
     """
     dtype = tf.convert_to_tensor(probs).dtype
     probs = tf.cast(probs, tf.float64)
-    capacity = tf.cast(capacity, tf.float64)
+    capacity = tf.clip_by_value(tf.cast(capacity, tf.float64), eps, 1.0 - eps) - TOLERANCE
     remaining = 1.0 - probs
     target = lambda factor: tf.clip_by_value(1.0 - factor * remaining, eps, 1.0 - eps)
     low = tf.zeros(probs.shape[1:], tf.float64)
