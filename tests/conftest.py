@@ -54,3 +54,32 @@ def mirrored_pair(mirrored):
         return single, distributed
 
     return pair
+
+
+@pytest.fixture
+def own_inference_results():
+    """`results(model, dataset)`: each task's mean loss and accuracy on a
+    jointly labelled split from its own inference pass (its rows alone
+    through the backbone and its head), `{task}_loss` and `{task}_accuracy`:
+    what `model.evaluate` must report."""
+    import numpy as np
+
+    from tf_mtl.backbones import run_layers
+    from tf_mtl.layers.base import tile_tasks, tiled_rows
+
+    def results(model, dataset):
+        losses, hits = {}, {}
+        for x, labels in dataset:
+            for t, task in enumerate(model.tasks):
+                with tiled_rows([t]):
+                    features, _ = run_layers(model.backbone, x,
+                                             lambda rows: tile_tasks(rows, [t]), False)
+                preds = model.heads[task.name](features, training=False)
+                y = labels[task.name]
+                losses.setdefault(task.name, []).append(task.loss(y, preds).numpy())
+                hits.setdefault(task.name, []).append(
+                    (np.argmax(preds, -1) == y.numpy()).astype("float32"))
+        return {**{f"{n}_loss": np.concatenate(v).mean() for n, v in losses.items()},
+                **{f"{n}_accuracy": np.concatenate(v).mean() for n, v in hits.items()}}
+
+    return results

@@ -70,8 +70,9 @@ def test_cross_stitch_columns_share_only_through_the_units(same):
 
 
 def _bn(layer, x, t=None):
-    """Inference batch normalisation with the layer's (task's) statistics."""
-    pick = (lambda v: v.numpy()) if t is None else (lambda v: v.numpy()[t])
+    """Inference batch normalisation with the layer's (task t's) statistics
+    and scales (where the layer has one per task)."""
+    pick = lambda v: v.numpy()[t] if t is not None and len(v.shape) == 2 else v.numpy()
     return pick(layer.gamma) * (x - pick(layer.moving_mean)) / np.sqrt(
         pick(layer.moving_variance) + layer.epsilon) + pick(layer.beta)
 
@@ -97,7 +98,8 @@ def test_mtan_attention_is_eq_1():
         attend = lambda g, h, u, p: sigmoid(_bn(h[1], relu(_bn(g[1], u @ g[0].kernel.numpy()[t], t))
                                                 @ h[0].kernel.numpy()[t], t)) * p
         a1 = attend(g1, h1, u1, p1)
-        f = relu(_bn(f2[1], a1 @ f2[0].kernel.numpy()))  # shared f, no task index
+        # Shared f: one kernel, each task's own moving statistics.
+        f = relu(_bn(f2[1], a1 @ f2[0].kernel.numpy(), t))
         a2 = attend(g2, h2, np.concatenate([u2, f], axis=-1), p2)
         np.testing.assert_allclose(outputs[name], model.heads[name](a2), rtol=1e-4, atol=1e-6)
 
@@ -114,6 +116,23 @@ def test_mtan_routed_pass_equals_each_tasks_own_pass(backbone):
             own, _ = backbones.run_layers([net], x, functools.partial(tile_tasks, tasks=[t]),
                                           True)
         np.testing.assert_allclose(tiled[4 * t:4 * (t + 1)], own, rtol=1e-4, atol=1e-5)
+
+
+def test_mtan_evaluate_equals_each_tasks_own_inference_pass(own_inference_results):
+    ds = data.load("synthetic", batch_size=16, limit=32)
+    tasks = [classification(n, k) for n, k in ds.task_classes.items()]
+    model = methods.attention_network(backbones.lenet(0.25), tasks, (28, 28, 1))
+    model.compile(optimizer="adam")
+    model.fit(ds.train, epochs=1, verbose=0)
+    evaluated = model.evaluate(ds.test, return_dict=True, verbose=0)
+    for key, value in own_inference_results(model, ds.test).items():
+        assert evaluated[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_mpps_keeps_pooled_statistics_for_its_shared_inference():
+    model = methods.progressive_sharing(backbones.lenet(0.25), TASKS, (28, 28, 1))
+    assert all(len(w.shape) == 1 for w in model.non_trainable_weights
+               if w.name == "moving_mean")
 
 
 def test_mtan_trains_on_non_jointly_labelled_data():

@@ -191,6 +191,26 @@ def test_inference_serves_each_task_its_mask_alone_or_in_a_batch():
     assert not np.allclose(model(x)["task_0"], batch["task_0"])
 
 
+def test_evaluate_equals_each_tasks_own_inference_pass(own_inference_results):
+    # Training normalises each task with its own batch statistics; so must
+    # evaluation, with each task's own moving statistics.
+    ds = data.load("synthetic", batch_size=32, limit=64)
+    model = _model(p=0.5)
+    means = [w for w in model.non_trainable_weights if w.name == "moving_mean"]
+    assert means and all(w.shape[0] == 2 for w in means)
+    model.compile(optimizer="adam")
+    model.fit(ds.train, epochs=1, verbose=0, callbacks=[MaximumRoaming(interval=0.5)])
+    evaluated = model.evaluate(ds.test, return_dict=True, verbose=0)
+    own = own_inference_results(model, ds.test)
+    for key, value in own.items():
+        assert evaluated[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    # Each task's statistics are its own: pooling them changes what task 0 sees.
+    for mean in means:
+        mean.assign(tf.repeat(tf.reduce_mean(mean, 0, keepdims=True), 2, axis=0))
+    assert model.evaluate(ds.test, return_dict=True, verbose=0)["task_0_loss"] != \
+        pytest.approx(evaluated["task_0_loss"], rel=1e-4)
+
+
 def test_export_serves_every_task_without_flex_ops(tmp_path):
     from tf_mtl import export
 

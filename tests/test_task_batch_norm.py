@@ -1,5 +1,7 @@
 """TaskBatchNormalization: each task's rows normalised as in its own pass."""
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -101,3 +103,54 @@ def test_tiled_rows_equal_the_routed_computation(blocks):
     for name in ("moving_mean", "moving_variance"):
         np.testing.assert_allclose(getattr(layers[1], name), getattr(layers[0], name),
                                    rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_per_task_statistics_are_each_tasks_own_pass_in_training_and_inference(tiled):
+    from tf_mtl.layers.base import tiled_rows
+
+    ours = TaskBatchNormalization(num_tasks=3, momentum=0.7)
+    plains = [keras.layers.BatchNormalization(momentum=0.7) for _ in range(3)]
+    task_ids = tf.repeat(tf.range(3), 4) if tiled else tf.constant([2, 0, 2, 1, 0, 2] * 2)
+    scope = lambda: tiled_rows(3) if tiled else contextlib.nullcontext()
+    for step in range(3):  # each task's statistics move with its rows alone
+        x = tf.random.stateless_normal((12, 2, 2, 5), seed=(step, 7)) * (step + 1) + step
+        with scope():
+            ours(x, task_ids, training=True)
+        for t, plain in enumerate(plains):
+            plain(tf.boolean_mask(x, task_ids == t), training=True)
+    assert ours.moving_mean.shape == (3, 5)
+    for t, plain in enumerate(plains):
+        np.testing.assert_allclose(ours.moving_mean[t], plain.moving_mean, rtol=1e-5)
+        np.testing.assert_allclose(ours.moving_variance[t], plain.moving_variance, rtol=1e-5)
+    with scope():  # inference: row i with the statistics of its task
+        y = ours(x, task_ids, training=False)
+    for t, plain in enumerate(plains):
+        np.testing.assert_allclose(tf.boolean_mask(y, task_ids == t),
+                                   plain(tf.boolean_mask(x, task_ids == t), training=False),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_per_task_statistics_of_rows_without_a_task_move_alike():
+    # A shared stem's rows serve every task: each task's statistics are Keras'.
+    ours, plain = TaskBatchNormalization(num_tasks=2), keras.layers.BatchNormalization()
+    x = tf.random.stateless_normal((6, 3, 3, 4), seed=(3, 4)) * 2 + 1
+    np.testing.assert_allclose(ours(x, training=True), plain(x, training=True), rtol=1e-5)
+    for t in range(2):
+        np.testing.assert_allclose(ours.moving_mean[t], plain.moving_mean, rtol=1e-6)
+    np.testing.assert_allclose(ours(x, training=False), plain(x, training=False), rtol=1e-5)
+
+
+def test_per_task_statistics_save_and_reload(tmp_path):
+    x = keras.Input((4,))
+    task_ids = keras.Input((), dtype="int32")
+    layer = TaskBatchNormalization(name="tbn")
+    layer.keep_task_statistics(2)
+    model = keras.Model([x, task_ids], layer(x, task_ids))
+    layer.moving_mean.assign([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras").get_layer("tbn")
+    assert loaded.num_tasks == 2
+    np.testing.assert_array_equal(loaded.moving_mean, layer.moving_mean)
+    with pytest.raises(ValueError, match="before the layer is built"):
+        loaded.keep_task_statistics(3)

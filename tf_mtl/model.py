@@ -11,6 +11,7 @@ from tf_mtl import tasks as tasks_module
 from tf_mtl.backbones import run_layers, run_tiled
 from tf_mtl.layers.base import objective_scope, tile_tasks
 from tf_mtl.layers.passing import fold_passing, folded_passing
+from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 from tf_mtl.routing import (
     ROUTINGS, accumulate, check_routed_part, first_routed_layer, one_pass_gradients,
     sequential_gradients)
@@ -50,7 +51,12 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
       activation memory close to hard sharing. Batch normalisation in the conditioned part then sees each
       task's pass on its own, as in the paper's T forward passes.
 
-    Evaluation and inference always use one pass (`call`).
+    Evaluation and inference always use one pass (`call`). Where a
+    conditioned layer routes tasks at inference too (Maximum Roaming's
+    partitions, MTAN's attention), inference is per task, and every
+    `TaskBatchNormalization` of the backbone keeps per-task moving
+    statistics (`num_tasks`); where none does (MPPS, whose inference is the
+    fully shared backbone), they stay pooled.
 
     The objective is `sum_t w_t * mean_t(loss_t)` (eq. 1, w_t the task's
     `loss_weight`, times N_t/N for non-jointly labelled data) plus the terms
@@ -123,6 +129,12 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                   for l in block._flatten_layers(include_self=True, recursive=True)]
         self._term_trackers = {name: keras.metrics.Mean(name=name) for name in sorted(
             {getattr(l, "objective_name", None) for l in layers} - {None})}
+        if first_routed_layer(self.backbone, False) is not None:
+            # Inference is per task (DESIGN.md): each task normalises with
+            # the statistics of its own training passes.
+            for layer in layers:
+                if isinstance(layer, TaskBatchNormalization):
+                    layer.keep_task_statistics(self.num_tasks)
         self._task_metrics = {
             task.name: [keras.metrics.Mean(name=f"{task.name}_loss")]
             + [m.build(f"{task.name}_{m.name}") for m in task.metrics]

@@ -25,12 +25,7 @@ from tf_mtl.layers.passing import (
     neutral_matrix,
     pass_weights,
 )
-from tf_mtl.layers.task_batch_norm import (
-    block_moments,
-    broadcast_rows,
-    normalize,
-    task_moments,
-)
+from tf_mtl.layers.task_batch_norm import task_normalization, update_task_statistics
 
 
 def per_task(x, task_ids, num_tasks, apply):
@@ -333,46 +328,16 @@ class PerTaskBatchNormalization(PerTaskLayer):
         self._build_passing(x_shape[-1])
 
     def call(self, x, task_ids, training=None):
-        x32 = tf.cast(x, tf.float32)
         update = bool(training and self.trainable)
-        scale = self.weight("gamma"), self.weight("beta")
-        blocks = tiled_tasks(self.num_tasks)
-        if blocks is not None:
-            y = self._tiled(x32, blocks, update, *scale)
-        else:
-            y = self._routed(x32, tf.cast(task_ids, tf.int32), update, *scale)
+        statistics = None if update else (self.moving_mean, self.moving_variance)
+        y = task_normalization(tf.cast(x, tf.float32), task_ids, self.num_tasks,
+                               self.weight("gamma"), self.weight("beta"), self.epsilon,
+                               statistics, self._update_moving)
         return tf.cast(y, self.compute_dtype)
 
-    def _routed(self, x, task_ids, update, gamma, beta):
-        """Rows of any tasks, in any order: statistics by segment sums."""
-        if update:
-            mean, variance, present = task_moments(x, task_ids, self.num_tasks)
-            self._update_moving(mean, variance, present)
-        else:
-            mean, variance = self.moving_mean, self.moving_variance
-        spatial = len(x.shape) - 2
-        y = normalize(x, task_ids, mean, variance, self.epsilon)
-        return y * broadcast_rows(tf.gather(gamma, task_ids), spatial) + broadcast_rows(
-            tf.gather(beta, task_ids), spatial)
-
-    def _tiled(self, x, blocks, update, gamma, beta):
-        """Tiled rows (block k of task `blocks[k]`): each block normalised
-        on its own, no gathers."""
-        if update:
-            parts, moments, mean, variance, present = block_moments(x, blocks, self.num_tasks)
-            self._update_moving(mean, variance, present)
-        else:
-            parts = tf.split(x, len(blocks))
-            moments = [(self.moving_mean[t], self.moving_variance[t]) for t in blocks]
-        return tf.concat([tf.nn.batch_normalization(p, mean, variance, beta[t],
-                                                    gamma[t], self.epsilon)
-                          for p, (mean, variance), t in zip(parts, moments, blocks)], axis=0)
-
     def _update_moving(self, mean, variance, present):
-        """Each task with rows: `m[t] <- momentum m[t] + (1 - momentum) mu_t`."""
-        keep = tf.where(present[:, None], self.momentum, 1.0)
-        for moving, value in ((self.moving_mean, mean), (self.moving_variance, variance)):
-            moving.assign(keep * moving + (1.0 - keep) * value)
+        update_task_statistics(self.moving_mean, self.moving_variance, mean, variance,
+                               present, self.momentum)
 
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum,
