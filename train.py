@@ -5,9 +5,12 @@
     python train.py --method=stl --dataset=fashion_groups --epochs=5
 
 Writes into --output_dir: `history.json` (Keras History, plus the MPPS
-schedule), `results.json` (test metrics), the trained model (`model.keras`;
-STL: `model_<task>.keras`), TensorBoard logs under `logs/`, figures
-(`*.png`), and the export (SavedModel + .tflite) into --export_dir.
+schedule), `results.json` (test metrics at the epoch --selection picks, by
+default the lowest validation loss as the papers report, with that `epoch`,
+and under `last` those of the last epoch), the model of that epoch
+(`model.keras`; STL: `model_<task>.keras`), TensorBoard logs under `logs/`,
+figures (`*.png`), the run's flags (`run.json`), and the export (SavedModel
++ .tflite) into --export_dir. One run at a time holds an --output_dir.
 
 Runs resume: the training state is written under `<output_dir>/checkpoint/`
 (STL: `checkpoint/<task>/`) at every epoch's end (`Checkpoint`), and
@@ -17,13 +20,15 @@ function of seed and epoch (`tf_mtl.data.ordering`) the weights, method
 state, history.json and TensorBoard logs end as an uninterrupted run's (on
 CPU bit for bit; `--deterministic` for GPUs). A finished run rerun trains
 nothing: it says so, then evaluates, saves and exports the checkpoint again.
-`--noresume` starts over.
+`--noresume` starts over. A checkpoint of other flags (`run.json`) is
+refused, naming them; an unreadable epoch is said and the one before it
+resumed.
 """
 
+import contextlib
 import functools
 import json
 import os
-import re
 import shutil
 import time
 
@@ -55,7 +60,7 @@ flags.DEFINE_integer("head_channels", 64, "Dense tasks: channels inside each tas
 flags.DEFINE_float("width", 1.0, "Width multiplier of the backbone.", lower_bound=0.01)
 flags.DEFINE_integer("epochs", 8, "Training epochs.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
-flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Optimizer (sgd: momentum 0.9).")
+flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Optimizer (sgd: with --momentum).")
 flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.", lower_bound=1e-8)
 flags.DEFINE_enum("lr_schedule", "constant", ["constant", "step", "cosine"],
                   "Learning rate over training: constant; step (times --lr_decay_rate "
@@ -64,9 +69,14 @@ flags.DEFINE_float("lr_decay_epochs", 100, "step schedule: epochs between two de
                    lower_bound=1e-3)
 flags.DEFINE_float("lr_decay_rate", 0.5, "step schedule: factor of each decay.",
                    lower_bound=0.0)
-flags.DEFINE_float("weight_decay", 0.0,
-                   "Weight decay of the optimizer (Keras': decoupled, as AdamW; PyTorch's "
-                   "Adam adds it to the gradient instead).", lower_bound=0.0)
+flags.DEFINE_float("weight_decay", 0.0, "Weight decay of the optimizer (see "
+                   "--weight_decay_mode).", lower_bound=0.0)
+flags.DEFINE_enum("weight_decay_mode", "decoupled", ["decoupled", "l2"],
+                  "decoupled: Keras' (AdamW); l2: PyTorch's Adam and SGD, the papers' "
+                  "code, which add weight_decay * w to the gradient "
+                  "(tf_mtl.optimizers).")
+flags.DEFINE_float("momentum", 0.9, "Momentum of --optimizer=sgd.", lower_bound=0.0,
+                   upper_bound=0.999)
 flags.DEFINE_enum("cityscapes_classes", "7", ["7", "10", "19"],
                   "Semantic classes of --dataset=cityscapes: MTAN's 7, MPPS's 10 (its "
                   "labelling unverified) or the benchmark's 19 (Auto-Lambda's).")
@@ -101,6 +111,16 @@ flags.DEFINE_string("reference", None,
                     "results.json of a single-task run: prints Delta (MPPS eq. 5), "
                     "Delta_I and eta-hat (Safe MTL 4.1) against it.")
 flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras fit verbosity.")
+flags.DEFINE_string("selection", "val_loss",
+                    "The epoch whose test results are reported (and the model saved and "
+                    "exported): the best by a validation criterion, val_loss (lowest), "
+                    "val_<metric> (mean over the tasks; e.g. val_accuracy) or "
+                    "val_<task>_<metric>; or last. results.json holds the last epoch's too.")
+flags.DEFINE_float("heldout_fraction", 0.2,
+                   "Share of the training split held out for what is fitted on held-out "
+                   "data (bi-level Safe MTL's gates, Auto-Lambda's weights); the "
+                   "validation split selects the epoch, so it is never used for that.",
+                   lower_bound=0.01, upper_bound=0.99)
 flags.DEFINE_bool("resume", True,
                   "Continue from <output_dir>/checkpoint if there is one; false: "
                   "start over (clears the output dir's checkpoint, logs and results).")
@@ -111,6 +131,8 @@ flags.DEFINE_bool("deterministic", False,
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from tf_mtl.checkpoint import Checkpoint, Selection, exclusive_folder  # noqa: E402
 
 from tf_mtl import aggregation, weighting  # noqa: E402
 from tf_mtl.methods import cross_stitch_network, hps, mpps, mtan, ppnet, roaming, smtl  # noqa: E402
@@ -218,11 +240,16 @@ def _learning_rate(steps_per_epoch):
 
 
 def _optimizer(steps_per_epoch):
+    from tf_mtl import optimizers
+
     rate = _learning_rate(steps_per_epoch)
+    sgd = {"momentum": FLAGS.momentum} if FLAGS.optimizer == "sgd" else {}
+    if FLAGS.weight_decay and FLAGS.weight_decay_mode == "l2":
+        make = optimizers.SGDL2 if sgd else optimizers.AdamL2
+        return make(rate, l2=FLAGS.weight_decay, **sgd)
     decay = {"weight_decay": FLAGS.weight_decay} if FLAGS.weight_decay else {}
-    if FLAGS.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=0.9, **decay)
-    return keras.optimizers.Adam(rate, **decay)
+    make = keras.optimizers.SGD if sgd else keras.optimizers.Adam
+    return make(rate, **sgd, **decay)
 
 
 def _strategy():
@@ -251,126 +278,52 @@ def _is_chief(strategy):
             and "chief" not in resolver.cluster_spec().as_dict())
 
 
-class Checkpoint(keras.callbacks.Callback):
-    """The training state at every epoch's end, for a rerun to continue from.
-
-    `<folder>/epoch_<k>/` holds the state after k epochs: `state.weights.h5`
-    (the model's weights and method state - Phi, targets, draw counts, random
-    generator states - and its optimizers') and `progress.json` (every
-    epoch's logs and the `history` of the `tracked` callbacks: the MPPS
-    schedule, the gates). Both are written into a scratch folder renamed
-    once complete, so a kill at any instant leaves the last complete epoch
-    whole. (Keras' `BackupAndRestore` writes its weights, then its epoch
-    count: a kill between the two would train an epoch twice.) List it after
-    the callbacks that add to the logs and histories.
-
-    It writes the TensorBoard logs too (`epoch_<metric>` in `train/` and
-    `validation/`, the layout of `keras.callbacks.TensorBoard`), from the
-    same logs: `restore` rewrites them from the checkpoint, then every epoch
-    is added once its checkpoint is whole, so they never hold two runs'
-    values of an epoch (an epoch killed in between is written again).
-
-    Under `--strategy=multi_worker` only the chief writes (`writes`): every
-    worker restores from the chief's folder, on a file system they share.
-    """
-
-    def __init__(self, folder, log_dir, tracked, writes=True):
-        super().__init__()
-        self.folder, self.log_dir, self.tracked = folder, log_dir, tracked
-        self.writes = writes
-        self.epochs = []
-        self._writers = None
-
-    def restore(self, model):
-        """Loads the last complete epoch into `model` and the tracked
-        callbacks, and rewrites the TensorBoard logs; returns the number of
-        epochs trained (0: no checkpoint)."""
-        saved = self._saved()
-        if saved:
-            path = os.path.join(self.folder, f"epoch_{max(saved)}")
-            model.build_optimizer()  # its slots must exist to be loaded
-            model.load_weights(os.path.join(path, "state.weights.h5"))
-            with open(os.path.join(path, "progress.json")) as f:
-                progress = json.load(f)
-            self.epochs = progress["epochs"]
-            for name, callback in self.tracked.items():
-                callback.history = progress["tracked"][name]
-        if not self.writes:
-            return len(self.epochs)
-        shutil.rmtree(self.log_dir, ignore_errors=True)
-        for epoch, logs in enumerate(self.epochs):
-            self._log(epoch, logs)
-        self._close()
-        return len(self.epochs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs.append({k: float(v) for k, v in (logs or {}).items()})
-        if not self.writes:
-            return
-        scratch = os.path.join(self.folder, "partial")
-        shutil.rmtree(scratch, ignore_errors=True)
-        os.makedirs(scratch)
-        self.model.save_weights(os.path.join(scratch, "state.weights.h5"))
-        with open(os.path.join(scratch, "progress.json"), "w") as f:
-            json.dump({"epochs": self.epochs,
-                       "tracked": {n: c.history for n, c in self.tracked.items()}},
-                      f, default=float)
-        os.rename(scratch, os.path.join(self.folder, f"epoch_{epoch + 1}"))
-        for before in self._saved():
-            if before <= epoch:
-                shutil.rmtree(os.path.join(self.folder, f"epoch_{before}"))
-        self._log(epoch, self.epochs[-1])
-        for writer in self._writers.values():
-            writer.flush()
-
-    def on_train_end(self, logs=None):
-        self._close()
-
-    def history(self):
-        """Every epoch's logs, as `keras.callbacks.History.history`."""
-        keys = {k for logs in self.epochs for k in logs}
-        return {k: [logs.get(k) for logs in self.epochs] for k in sorted(keys)}
-
-    def _saved(self):
-        """The numbers of epochs of the whole checkpoints in the folder."""
-        names = os.listdir(self.folder) if os.path.isdir(self.folder) else []
-        return [int(n[6:]) for n in names if re.fullmatch(r"epoch_\d+", n)]
-
-    def _log(self, epoch, logs):
-        if self._writers is None:
-            self._writers = {split: tf.summary.create_file_writer(
-                os.path.join(self.log_dir, split)) for split in ("train", "validation")}
-        for name, value in logs.items():
-            split = "validation" if name.startswith("val_") else "train"
-            with self._writers[split].as_default():
-                tf.summary.scalar(f"epoch_{name.removeprefix('val_')}", value, step=epoch)
-
-    def _close(self):
-        for writer in (self._writers or {}).values():
-            writer.close()
-        self._writers = None
-
-
-def _fit(model, strategy, train, validation, test, callbacks, name=None):
+def _fit(model, strategy, train, validation, test, callbacks, name=None, carve=None):
     """Trains from the checkpoint in `<output_dir>/checkpoint[/name]`, if
-    any, to --epochs, with TensorBoard logs in `<output_dir>/logs[/name]`;
-    returns the history of every epoch and the test results."""
+    any, to --epochs, with TensorBoard logs in `<output_dir>/logs[/name]`,
+    and leaves the model at the epoch --selection picks. A model with a
+    bi-level part trains on the data `carve(--heldout_fraction)` leaves
+    and fits that part on what it holds out (`MultiTaskData.with_heldout`).
+    Returns the history of every epoch and the test results there and at
+    the last epoch, each with its `epoch` (1-based)."""
+    def compile_for(train):  # its steps per epoch drive the learning-rate schedule
+        with strategy.scope():  # the optimizer's variables are mirrored too
+            model.compile(optimizer=_optimizer(int(train.cardinality())),
+                          jit_compile=FLAGS.jit_compile,
+                          weighting=weighting.from_flags(FLAGS),
+                          aggregator=aggregation.from_flags(FLAGS),
+                          aggregate_on=FLAGS.aggregate_on,
+                          per_task_gradients=FLAGS.per_task_gradients)
+
+    compile_for(train)  # which says whether the model takes held-out data
+    heldout = {}
+    if model.takes_heldout_data():
+        try:
+            if carve is None:
+                raise ValueError("this run's data has no training split to carve it from.")
+            carved = carve(FLAGS.heldout_fraction)
+        except ValueError as error:
+            raise app.UsageError(
+                f"--dataset={FLAGS.dataset}: held-out data for --method={FLAGS.method}'s "
+                f"bi-level part or --weighting=auto_lambda: {error}") from None
+        train, heldout = carved.train, {"heldout_data": carved.heldout}
+        compile_for(train)
     for split, data in (("training", train), ("validation", validation), ("test", test)):
         model.check_dataset(data, f"the {split} split")  # all before the first step
-    with strategy.scope():  # the optimizer's variables are mirrored too
-        model.compile(optimizer=_optimizer(int(train.cardinality())),
-                      jit_compile=FLAGS.jit_compile,
-                      weighting=weighting.from_flags(FLAGS),
-                      aggregator=aggregation.from_flags(FLAGS),
-                      aggregate_on=FLAGS.aggregate_on,
-                      per_task_gradients=FLAGS.per_task_gradients)
     where = lambda folder: os.path.join(FLAGS.output_dir, folder, *([name] if name else []))
     tracked = {type(c).__name__: c for c in callbacks if hasattr(c, "history")}
+    try:
+        selection = Selection(FLAGS.selection, model.tasks)
+    except ValueError as error:
+        raise app.UsageError(f"--selection: {error}") from None
     checkpoint = Checkpoint(where("checkpoint"), where("logs"), tracked,
-                            writes=_is_chief(strategy))
+                            writes=_is_chief(strategy), selection=selection)
     # With --noresume the chief has emptied the folder; another worker must
     # not read it meanwhile.
-    done = checkpoint.restore(model) if FLAGS.resume or checkpoint.writes else 0
+    try:
+        done = checkpoint.restore(model) if FLAGS.resume or checkpoint.writes else 0
+    except ValueError as error:
+        raise app.UsageError(f"--output_dir={FLAGS.output_dir}: {error}") from None
     if done > FLAGS.epochs:
         raise app.UsageError(
             f"{checkpoint.folder} holds {done} epochs, more than --epochs={FLAGS.epochs}: "
@@ -381,34 +334,42 @@ def _fit(model, strategy, train, validation, test, callbacks, name=None):
         if done:
             print(f"Resuming at epoch {done + 1} from {checkpoint.folder}")
         verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
-        # Bi-level parts (Safe MTL's gates, Auto-Lambda) fit on the validation split.
-        heldout = {"heldout_data": validation} if model.takes_heldout_data() else {}
         model.fit(train, validation_data=validation, epochs=FLAGS.epochs,
                   initial_epoch=done, verbose=verbose, callbacks=callbacks + [checkpoint],
                   **heldout)
-    results = model.evaluate(test, return_dict=True, verbose=0)
-    return checkpoint.history(), results
+    last = {**model.evaluate(test, return_dict=True, verbose=0), "epoch": FLAGS.epochs}
+    selected = checkpoint.selected_epoch()
+    if selected == FLAGS.epochs:
+        return checkpoint.history(), {**last}, last
+    model.load_weights(checkpoint.weights_path(selected))
+    print(f"{name or FLAGS.method}: epoch {selected} of {FLAGS.epochs} selected by "
+          f"--selection={FLAGS.selection}")
+    best = {**model.evaluate(test, return_dict=True, verbose=0), "epoch": selected}
+    return checkpoint.history(), best, last
 
 
 def _train_single_tasks(data, tasks, input_shape, strategy, backbone, export_dir):
-    """STL: one run per task on that task's view of the data."""
+    """STL: one run per task on that task's view of the data; results with
+    each task's selected epoch (`epoch`, by task)."""
     from tf_mtl import export
     from tf_mtl.methods import single_task, task_view
 
-    histories, results = {}, {}
+    histories, results, last = {}, {"epoch": {}}, {"epoch": {}}
     for index, task in enumerate(tasks):
         view = lambda d: task_view(d, index, task.name, data.jointly_labelled)
         with strategy.scope():
             model = single_task(backbone(), task, input_shape)
-        histories[task.name], task_results = _fit(
+        histories[task.name], *task_results = _fit(
             model, strategy, view(data.train), view(data.validation), view(data.test), [],
             task.name)
-        results.update({k: v for k, v in task_results.items() if k != "loss"})
+        for merged, values in zip((results, last), task_results):
+            merged.update({k: v for k, v in values.items() if k not in ("loss", "epoch")})
+            merged["epoch"][task.name] = values["epoch"]
         if _is_chief(strategy):
             model.save(os.path.join(FLAGS.output_dir, f"model_{task.name}.keras"))
             if FLAGS.export:
                 export.export(model, os.path.join(export_dir, task.name))
-    return histories, results
+    return histories, results, last
 
 
 def _load_reference(tasks):
@@ -442,10 +403,14 @@ def _compare(tasks, results, reference):
 def _print_table(tasks, results):
     from tf_mtl import metrics
 
-    print(f"\n{'task':<12}{'metric':<12}{'test':>10}")
+    last = results["last"]
+    print(f"\ntest at epoch {results['epoch']} (--selection={results['selection']}); "
+          f"last: epoch {last['epoch']}")
+    print(f"{'task':<12}{'metric':<12}{'selected':>10}{'last':>10}")
     for task in tasks:
         for name in ["loss"] + [m.name for m in task.metrics]:
-            print(f"{task.name:<12}{name:<12}{results[f'{task.name}_{name}']:>10.4f}")
+            key = f"{task.name}_{name}"
+            print(f"{task.name:<12}{name:<12}{results[key]:>10.4f}{last[key]:>10.4f}")
     accuracies = [results[f"{t.name}_accuracy"] for t in tasks
                   if f"{t.name}_accuracy" in results]
     if accuracies:
@@ -457,14 +422,57 @@ def _print_table(tasks, results):
               f"Delta_I {compared['delta_i']:+.2f}%  eta-hat {compared['eta_hat']:.0f}")
 
 
+# Flags a rerun may change: where the outputs go and how they are shown,
+# how long it runs and on what devices; not what is trained.
+RERUN_MAY_CHANGE = frozenset({
+    "output_dir", "export_dir", "export", "verbose", "resume", "data_dir", "download",
+    "reference", "epochs", "strategy", "deterministic", "selection"})
+
+
+def _check_same_run():
+    """Refuses to continue another run's checkpoint, naming the flags that
+    differ: `<output_dir>/run.json` keeps the flags of the run that wrote it."""
+    path = os.path.join(FLAGS.output_dir, "run.json")
+    ours = FLAGS.find_module_defining_flag("method")
+    flag_values = {f.name: f.value for module, defined in FLAGS.flags_by_module_dict().items()
+                   if module == ours or module.startswith("tf_mtl.") for f in defined
+                   if f.name not in RERUN_MAY_CHANGE}
+    flag_values = json.loads(json.dumps(flag_values))  # as run.json will read
+    checkpoint = os.path.join(FLAGS.output_dir, "checkpoint")
+    if os.path.exists(path) and os.path.isdir(checkpoint) and os.listdir(checkpoint):
+        with open(path) as f:
+            before = json.load(f)
+        differ = sorted(k for k in set(before) | set(flag_values)
+                        if before.get(k) != flag_values.get(k))
+        if differ:
+            raise app.UsageError(
+                f"--output_dir={FLAGS.output_dir} holds the checkpoint of a run with other "
+                "flags (" + "; ".join(f"--{k}: {before.get(k)!r} there, "
+                                      f"{flag_values.get(k)!r} here" for k in differ)
+                + "). Rerun with that run's flags to continue it, --noresume to start over "
+                "in that folder, or give another --output_dir.")
+    with open(path, "w") as f:
+        json.dump(flag_values, f, indent=1)
+
+
 def main(argv):
     del argv
+    strategy = _strategy()  # first: MultiWorkerMirroredStrategy precedes every op
+    with contextlib.ExitStack() as stack:
+        if _is_chief(strategy):  # the one writer of the output folder
+            try:
+                stack.enter_context(exclusive_folder(FLAGS.output_dir))
+            except RuntimeError as error:
+                raise app.UsageError(f"--output_dir: {error}") from None
+        _run(strategy)
+
+
+def _run(strategy):
     from tf_mtl import data as datasets, export, plots
     from tf_mtl.callbacks import (
         ExclusiveCapacityScheduler, GateHistory, MaximumRoaming, ParameterPassing)
 
     start = time.time()
-    strategy = _strategy()  # first: MultiWorkerMirroredStrategy precedes every op
     chief = _is_chief(strategy)
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.mixed_precision != "none":
@@ -485,17 +493,19 @@ def main(argv):
     print(f"{FLAGS.strategy} strategy: {strategy.num_replicas_in_sync} replicas")
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.output_dir, "export")
     if not FLAGS.resume and chief:
-        for name in ("checkpoint", "logs", "history.json", "results.json"):
+        for name in ("checkpoint", "logs", "history.json", "results.json", "run.json"):
             path = os.path.join(FLAGS.output_dir, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
+    if chief:
+        _check_same_run()
 
     extra = {}
     if FLAGS.method == "stl":
-        history, results = _train_single_tasks(
+        history, results, last = _train_single_tasks(
             data, tasks, input_shape, strategy, backbone, export_dir)
         if not chief:
             return
@@ -504,8 +514,8 @@ def main(argv):
             model, callbacks = METHODS[FLAGS.method](
                 FLAGS, backbone, tasks, input_shape, data.jointly_labelled,
                 FLAGS.epochs)
-        history, results = _fit(model, strategy, data.train, data.validation, data.test,
-                                callbacks)
+        history, results, last = _fit(model, strategy, data.train, data.validation,
+                                      data.test, callbacks, carve=data.with_heldout)
         if not chief:  # its replica of the model, in a folder of its own
             resolver = strategy.cluster_resolver
             folder = os.path.join(FLAGS.output_dir, "workers",
@@ -539,6 +549,7 @@ def main(argv):
                 plots.plot_affinity(callback.history, [t.name for t in tasks],
                                     os.path.join(FLAGS.output_dir, "affinity.png"))
 
+    results = {**results, "selection": FLAGS.selection, "last": last}
     if reference is not None:
         results["vs_reference"] = _compare(tasks, results, reference)
     with open(os.path.join(FLAGS.output_dir, "history.json"), "w") as f:

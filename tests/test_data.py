@@ -401,6 +401,24 @@ def test_load_shuffles_train_only_with_a_seed():
     assert len(epoch_1) == data.SYNTHETIC_SPLIT_SIZES["train"]
 
 
+def test_with_heldout_carves_a_seeded_part_of_the_training_split():
+    whole = data.load("synthetic", batch_size=512, seed=2)
+    images = lambda split: np.concatenate([x.numpy() for x, _ in split]).reshape(-1, 784)
+    carved = whole.with_heldout(0.25)
+    trained, held = images(carved.train), images(carved.heldout)
+    assert (len(trained), len(held)) == (192, 64)
+    rows = lambda a: {r.tobytes() for r in a}
+    assert rows(trained) | rows(held) == rows(images(whole.train))
+    assert not rows(trained) & rows(held)
+    assert rows(images(data.load("synthetic", seed=2).with_heldout(0.25).heldout)) == rows(held)
+    np.testing.assert_array_equal(images(carved.validation), images(whole.validation))
+    with pytest.raises(ValueError, match="fraction in \\(0, 1\\)"):
+        whole.with_heldout(1.0)
+    with pytest.raises(ValueError, match="cannot carve"):
+        data.MultiTaskData(whole.train, whole.validation, whole.test, whole.task_classes,
+                           True).with_heldout(0.2)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -145,6 +145,18 @@ def test_nyuv2_training_order_is_a_function_of_seed_and_epoch(nyuv2):
         tf.random.experimental.stateless_shuffle(tf.range(5, dtype=tf.int64), seed=[3, 0]))
 
 
+def test_nyuv2_holds_out_training_images_never_the_validation_ones(nyuv2):
+    # Its validation split is its test split: bi-level parts fit on
+    # training images held out (MultiTaskData.with_heldout).
+    data_dir, files = nyuv2
+    data = nyuv2_cityscapes.load_nyuv2(data_dir, batch_size=2, seed=1).with_heldout(0.4)
+    trained = _indices(_concat(_epoch(data.train, 0))[0], files["train"])
+    held = _indices(_concat(list(data.heldout.as_numpy_iterator()))[0], files["train"])
+    assert len(held) == 2 and sorted(trained + held) == list(range(5))
+    again = nyuv2_cityscapes.load_nyuv2(data_dir, batch_size=2, seed=1).with_heldout(0.4)
+    assert _indices(_concat(list(again.heldout.as_numpy_iterator()))[0], files["train"]) == held
+
+
 def test_nyuv2_limit_keeps_the_first_examples(nyuv2):
     data_dir, files = nyuv2
     data = nyuv2_cityscapes.load_nyuv2(data_dir, batch_size=4, limit=2)

@@ -401,11 +401,19 @@ def test_learning_rate_schedules_follow_the_step_count():
         cosine = train._learning_rate(steps_per_epoch=10)
         FLAGS(["train.py", "--weight_decay=1e-4", "--optimizer=sgd"])
         optimizer = train._optimizer(steps_per_epoch=10)
+        FLAGS(["train.py", "--weight_decay=1e-5", "--weight_decay_mode=l2", "--optimizer=adam"])
+        adam_l2 = train._optimizer(steps_per_epoch=10)
+        FLAGS(["train.py", "--weight_decay=1e-4", "--weight_decay_mode=l2", "--optimizer=sgd",
+               "--momentum=0.8"])
+        sgd_l2 = train._optimizer(steps_per_epoch=10)
     rates = [float(step(s)) for s in (0, 19, 20, 39, 40, 49)]
     np.testing.assert_allclose(rates, [0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
     np.testing.assert_allclose([float(cosine(0)), float(cosine(25)), float(cosine(50))],
                                [0.1, 0.05, 0.0], atol=1e-7)
     assert optimizer.weight_decay == pytest.approx(1e-4)
+    assert isinstance(adam_l2, keras.optimizers.Adam) and adam_l2.l2 == pytest.approx(1e-5)
+    assert adam_l2.weight_decay is None
+    assert sgd_l2.l2 == pytest.approx(1e-4) and sgd_l2.momentum == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -430,3 +438,52 @@ def test_hps_trains_dense_tasks_through_train_py(tmp_path):
     assert {"semantic_miou", "depth_absolute_error", "normal_median_angle"} <= set(results)
     reloaded = keras.saving.load_model(out / "model.keras")
     assert reloaded.heads["semantic"].aspp_rates == (1, 2)
+
+
+def test_results_are_at_the_selected_epoch_with_the_last_beside_them(tmp_path, monkeypatch):
+    args = ("--method=hps", "--dataset=synthetic")
+    one = read_json(run_train(tmp_path / "one", *args) / "results.json")
+    monkeypatch.setattr(train.Selection, "best", lambda self, epochs: 1)
+    two = read_json(run_train(tmp_path / "two", *args, "--epochs=2") / "results.json")
+    assert two["epoch"] == 1 and two["last"]["epoch"] == 2
+    assert two["selection"] == "val_loss"
+    # CPU runs are bit for bit: the selected epoch is what a 1-epoch run ends at.
+    for key in ("loss", "task_0_accuracy", "task_1_loss"):
+        assert two[key] == one[key] == one["last"][key]
+        assert two["last"][key] != two[key]
+    reloaded = keras.saving.load_model(tmp_path / "two" / "model.keras")
+    first = keras.saving.load_model(tmp_path / "one" / "model.keras")
+    for a, b in zip(reloaded.weights, first.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_a_checkpoint_of_other_flags_is_refused_naming_them(tmp_path):
+    run_train(tmp_path, "--method=hps", "--dataset=synthetic")
+    with pytest.raises(app.UsageError, match=r"--method: 'hps' there, 'tr' here.*--noresume"):
+        run_train(tmp_path, "--method=tr", "--dataset=synthetic")
+    run_train(tmp_path, "--method=tr", "--dataset=synthetic", "--noresume")
+
+
+def test_a_second_run_on_an_output_dir_in_use_is_refused(tmp_path):
+    from tf_mtl.checkpoint import exclusive_folder
+
+    with exclusive_folder(str(tmp_path)):
+        with pytest.raises(app.UsageError, match="in use by another run"):
+            run_train(tmp_path, "--method=hps", "--dataset=synthetic")
+
+
+def test_bilevel_parts_fit_on_data_held_out_of_the_training_split(tmp_path, monkeypatch):
+    from tf_mtl.model import MultiTaskModel
+
+    seen = {}
+    fit = MultiTaskModel.fit
+
+    def record(model, x=None, **kwargs):
+        seen["train"] = sum(int(b[0].shape[0]) for b in x)
+        seen["heldout"] = sum(int(b[0].shape[0]) for b in kwargs["heldout_data"])
+        return fit(model, x, **kwargs)
+
+    monkeypatch.setattr(MultiTaskModel, "fit", record)
+    run_train(tmp_path, "--method=smtl", "--smtl_bilevel", "--dataset=synthetic",
+              "--heldout_fraction=0.25")
+    assert seen == {"train": 48, "heldout": 16}  # of the 64 training examples

@@ -282,13 +282,21 @@ def load(name, batch_size=128, seed=0, data_dir=None, limit=None, download=False
     spec = _DATASETS[name]
     fashion = functools.partial(fashion_mnist.load_fashion_mnist, data_dir, download)
     splits = spec.build(seed, fashion, limit)
+    train = splits["train"]
+
+    def carve(fraction):
+        rows = _utils.heldout_split(len(tf.nest.flatten(train)[0]), fraction, seed)
+        kept, held = (tf.nest.map_structure(lambda a: a[r], train) for r in rows)
+        return ordering.epoch_shuffled(kept, batch_size, seed), _to_dataset(held, batch_size)
+
     return MultiTaskData(
-        train=ordering.epoch_shuffled(splits["train"], batch_size, seed),
+        train=ordering.epoch_shuffled(train, batch_size, seed),
         validation=_to_dataset(splits["validation"], batch_size),
         test=_to_dataset(splits["test"], batch_size),
         task_classes=dict(spec.task_classes),
         jointly_labelled=spec.jointly_labelled,
         tasks=spec.tasks,
+        carve=carve,
     )
 
 

@@ -1,6 +1,7 @@
 """What every loader of `tf_mtl.data` returns."""
 
 import dataclasses
+import typing
 
 import tensorflow as tf
 
@@ -25,6 +26,10 @@ class MultiTaskData:
             (elements `(image, task_id, label)`).
         tasks: The `tf_mtl.Task` of each task, in the order of
             `task_classes` (default: a `tasks.classification` per entry).
+        heldout: Held-out examples carved from the training split
+            (`with_heldout`), batched, in a fixed order; None until carved.
+        carve: `carve(fraction) -> (train, heldout)`, how the loader carves
+            them (None: it cannot).
     """
 
     train: tf.data.Dataset
@@ -33,6 +38,8 @@ class MultiTaskData:
     task_classes: dict
     jointly_labelled: bool
     tasks: tuple = None
+    heldout: tf.data.Dataset = None
+    carve: typing.Callable = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.tasks is None:
@@ -43,3 +50,16 @@ class MultiTaskData:
             raise ValueError(
                 f"`tasks` {[t.name for t in self.tasks]} must be those of "
                 f"`task_classes` {list(self.task_classes)}, in its order.")
+
+    def with_heldout(self, fraction):
+        """The data with a seeded `fraction` of the training examples moved
+        to `heldout`, for what is fitted on held-out data (bi-level Safe
+        MTL's gates, Auto-Lambda's weights) and must not see the validation
+        split, which selects the reported epoch, nor the test split (on
+        NYUv2 and Cityscapes the same images). Safe MTL's reference code
+        carves 20 %."""
+        if self.carve is None:
+            raise ValueError("this data set's loader cannot carve held-out examples "
+                             "from its training split.")
+        train, heldout = self.carve(fraction)
+        return dataclasses.replace(self, train=train, heldout=heldout)

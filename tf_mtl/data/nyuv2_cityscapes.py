@@ -268,19 +268,26 @@ def _load(data_dir, folders, classes, batch_size, seed, limit, nonnegative_depth
             _check_labels(paths[folder], num_classes)
         if nonnegative_depth:
             _check_nonnegative(paths["depth"])
-    train_indices = ordering.epoch_shuffled(
-        np.arange(len(splits["train"]["image"])), batch_size, seed)
-    val_indices = tf.data.Dataset.range(len(splits["val"]["image"])).batch(batch_size)
-    train = _read(train_indices, splits["train"], size)
-    val = _read(val_indices, splits["val"], size)
+    count = len(splits["train"]["image"])
+    shuffled = lambda rows: _read(ordering.epoch_shuffled(rows, batch_size, seed),
+                                  splits["train"], size)
+    in_order = lambda split, rows: _read(
+        tf.data.Dataset.from_tensor_slices(rows).batch(batch_size), splits[split], size)
+
+    def carve(fraction):  # the validation split is the test split: hold out training images
+        kept, held = _utils.heldout_split(count, fraction, seed)
+        return shuffled(kept), in_order("train", held)
+
+    val = in_order("val", np.arange(len(splits["val"]["image"])))
     tasks = _tasks(folders, classes, size)
     return MultiTaskData(
-        train=train,
+        train=shuffled(np.arange(count)),
         validation=val,
         test=val,
         task_classes={task.name: task.classes for task in tasks},
         jointly_labelled=True,
         tasks=tasks,
+        carve=carve,
     )
 
 

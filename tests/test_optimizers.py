@@ -1,0 +1,30 @@
+"""tf_mtl.optimizers: PyTorch's L2 weight decay on Keras' optimizers."""
+
+import keras
+import numpy as np
+import pytest
+
+from tf_mtl.optimizers import AdamL2, SGDL2
+
+
+@pytest.mark.parametrize("ours, keras_one", [
+    (lambda: AdamL2(0.1, l2=0.5), lambda: keras.optimizers.Adam(0.1)),
+    (lambda: SGDL2(0.1, momentum=0.8, l2=0.5), lambda: keras.optimizers.SGD(0.1, momentum=0.8)),
+])
+def test_the_decay_is_added_to_the_gradient_before_the_update(ours, keras_one):
+    # PyTorch's weight_decay: the update of g + l2 * w, through the moments.
+    w = keras.Variable(np.array([1.0, -2.0, 3.0], "float32"))
+    reference = keras.Variable(w.numpy())
+    optimizer, plain = ours(), keras_one()
+    for step in range(3):
+        g = np.array([0.3, 0.1, -0.2], "float32") * (step + 1)
+        optimizer.apply_gradients([(g, w)])
+        plain.apply_gradients([(g + 0.5 * reference.numpy(), reference)])
+        np.testing.assert_allclose(w.numpy(), reference.numpy(), rtol=1e-6)
+
+
+def test_serialises_and_refuses_a_negative_coefficient():
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(SGDL2(0.05, l2=1e-4)))
+    assert isinstance(restored, SGDL2) and restored.l2 == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="`l2` must be >= 0"):
+        AdamL2(l2=-1.0)
