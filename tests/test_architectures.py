@@ -79,7 +79,7 @@ def _bn(layer, x, t=None):
 
 def test_mtan_attention_is_eq_1():
     dense = [keras.layers.Flatten(), backbones.DenseUnit(6), backbones.DenseUnit(5)]
-    model = methods.attention_network(dense, TASKS[:2], (4, 3))
+    model = methods.attention_network(dense, TASKS[:2], (4, 3), attend_dense=True)
     net = model.backbone[0]
     rng = np.random.RandomState(0)
     for w in net.weights:  # statistics and scales away from their start
@@ -135,6 +135,19 @@ def test_mpps_keeps_pooled_statistics_for_its_shared_inference():
                if w.name == "moving_mean")
 
 
+def test_mtan_attends_convolution_blocks_and_shares_the_dense_one():
+    # The paper attends convolution blocks; LeNet's dense block then runs,
+    # shared, on each task's attended features.
+    model = methods.attention_network(backbones.lenet(0.5), TASKS, (28, 28, 1))
+    net = model.backbone[0]
+    assert len(net.modules) == 2
+    hps = methods.hard_sharing(backbones.lenet(0.5), TASKS, (28, 28, 1))
+    modules = sum(int(np.prod(w.shape)) for m in net.modules for part in m if part
+                  for l in part for w in l.weights)
+    assert model.count_params() == hps.count_params() + modules
+    assert model.count_params() < 1.2 * hps.count_params()
+
+
 def test_mtan_trains_on_non_jointly_labelled_data():
     ds = data.load("synthetic_groups", batch_size=32, limit=64)
     tasks = [classification(n, k) for n, k in ds.task_classes.items()]
@@ -152,8 +165,8 @@ def test_mtan_refuses_task_specific_layers_in_its_shared_network():
     masked[0].condition(0, ProgressiveMask(2))
     with pytest.raises(ValueError, match="shared blocks without conditioned sites"):
         AttentionNetwork(masked, 2)
-    with pytest.raises(ValueError, match="at least one block"):
-        AttentionNetwork([keras.layers.Flatten()], 2)
+    with pytest.raises(ValueError, match="needs a convolution block"):
+        AttentionNetwork([keras.layers.Flatten(), backbones.DenseUnit(4)], 2)
     with pytest.raises(ValueError, match="routing must be 'tiled'"):
         methods.attention_network(backbones.lenet(), TASKS, (28, 28, 1), routing="sequential")
 

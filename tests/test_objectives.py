@@ -28,7 +28,7 @@ BUILDERS = {
     "mr": lambda: methods.maximum_roaming(_dense(), TASKS, SHAPE, seed=1),
     "smtl": lambda: methods.safe_sharing(_dense, TASKS, SHAPE),
     "ppnet": lambda: methods.parameter_passing(_dense, TASKS, SHAPE),
-    "mtan": lambda: methods.attention_network(_dense(), TASKS, SHAPE),
+    "mtan": lambda: methods.attention_network(_dense(), TASKS, SHAPE, attend_dense=True),
     "cross_stitch": lambda: methods.cross_stitch(_dense, TASKS, SHAPE),
 }
 # Every weighting and aggregator, on both parts, the Jacobian both ways.

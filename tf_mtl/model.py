@@ -11,7 +11,6 @@ from tf_mtl import tasks as tasks_module
 from tf_mtl.backbones import run_layers, run_tiled
 from tf_mtl.layers.base import objective_scope, tile_tasks
 from tf_mtl.layers.passing import fold_passing, folded_passing
-from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 from tf_mtl.routing import (
     ROUTINGS, accumulate, check_routed_part, first_routed_layer, one_pass_gradients,
     sequential_gradients)
@@ -129,11 +128,12 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                   for l in block._flatten_layers(include_self=True, recursive=True)]
         self._term_trackers = {name: keras.metrics.Mean(name=name) for name in sorted(
             {getattr(l, "objective_name", None) for l in layers} - {None})}
-        if first_routed_layer(self.backbone, False) is not None:
-            # Inference is per task (DESIGN.md): each task normalises with
-            # the statistics of its own training passes.
-            for layer in layers:
-                if isinstance(layer, TaskBatchNormalization):
+        first = first_routed_layer(self.backbone, False)
+        if first is not None:
+            # Inference is per task (DESIGN.md): from where the rows are
+            # routed, each task normalises with its own training statistics.
+            for layer in self.backbone[first:]:
+                if hasattr(layer, "keep_task_statistics"):
                     layer.keep_task_statistics(self.num_tasks)
         self._task_metrics = {
             task.name: [keras.metrics.Mean(name=f"{task.name}_loss")]

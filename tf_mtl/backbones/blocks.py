@@ -138,6 +138,13 @@ class Block(keras.layers.Layer):
     def conditioned_layers(self):
         return list(self.conditioned.values())
 
+    def keep_task_statistics(self, num_tasks):
+        """Gives the block's `TaskBatchNormalization`s per-task moving
+        statistics (`MultiTaskModel`, where inference is per task)."""
+        for layer in self._flatten_layers(include_self=False):
+            if isinstance(layer, TaskBatchNormalization):
+                layer.keep_task_statistics(num_tasks)
+
     def site_kernel(self, site):
         """The kernel of the layer whose channels site `site` sees."""
         if site >= len(self.site_layers):

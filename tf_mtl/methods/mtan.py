@@ -14,10 +14,13 @@ normalisation if it has one, before the activation: the block's first site; max-
 p^(j)'s resolution in a block that pools after it), p^(j) the block's
 output, g and h task-specific 1x1 convolutions with batch
 normalisation (ReLU, then sigmoid), and f^(j) a shared 3x3 convolution with
-batch normalisation and ReLU, pooled to p^(j)'s resolution. Dense blocks
-take dense layers for the convolutions. The task's head reads a^_t of the
-last block. Weightless layers between blocks (pooling, flattening) act on
-the attended features as on the shared ones.
+batch normalisation and ReLU, pooled to p^(j)'s resolution. The paper attends
+convolution blocks: layers after the last attended block (pooling,
+flattening, a LeNet's dense block) run, shared, on each task's attended
+features a^_t, which the task's head then reads; weightless layers between
+attended blocks act on the attended features as on the shared ones. With
+`attend_dense`, dense blocks are attended too, with dense layers for the
+convolutions (for a network of dense blocks only).
 """
 
 import keras
@@ -34,30 +37,38 @@ class AttentionNetwork(Block):
     """MTAN's shared network and its task attention modules (module
     docstring). The shared network runs once on the batch's rows; the
     attention modules on the routed rows, each task's through its own g and
-    h (`tf_mtl.layers.PerTask*`), and f with each task's own batch
-    statistics (`TaskBatchNormalization`).
+    h (`tf_mtl.layers.PerTask*`), and f with each task's own batch and
+    moving statistics (`TaskBatchNormalization(num_tasks=T)`).
 
     Args:
         shared: the shared network, a list of layers (`Block`s and weightless
-            layers, e.g. `tf_mtl.backbones.lenet()`); every block carries
-            an attention module.
+            layers, e.g. `tf_mtl.backbones.lenet()`); every convolution block
+            carries an attention module.
         num_tasks: T.
+        attend_dense: dense blocks (`DenseUnit`) carry one too.
     """
 
-    def __init__(self, shared, num_tasks, **kwargs):
+    def __init__(self, shared, num_tasks, attend_dense=False, **kwargs):
         super().__init__(**kwargs)
         self.shared = list(shared)
         self.attended_tasks = int(num_tasks)
+        self.attend_dense = bool(attend_dense)
         for layer in self.shared:
             if not isinstance(layer, (Block, *WEIGHTLESS)) or isinstance(layer, Block) and (
                     layer.num_tasks or layer.conditioned):
                 raise ValueError(
                     "MTAN's shared network is made of shared blocks without "
                     f"conditioned sites and weightless layers. Received: {layer!r}")
-        blocks = [l for l in self.shared if isinstance(l, Block)]
+        blocks = [l for l in self.shared if self._attends(l)]
         if not blocks:
-            raise ValueError("MTAN's shared network needs at least one block to attend.")
+            raise ValueError("MTAN's shared network needs a convolution block to attend "
+                             "(or attend_dense=True for dense blocks).")
         self.modules = [self._module(block, j) for j, block in enumerate(blocks)]
+        self._last_attended = max(i for i, l in enumerate(self.shared) if self._attends(l))
+
+    def _attends(self, layer):
+        return isinstance(layer, Block) and (self.attend_dense
+                                             or not isinstance(layer, DenseUnit))
 
     def _module(self, block, j):
         """(f, g, h) of block j: f is None for the first block."""
@@ -72,7 +83,8 @@ class AttentionNetwork(Block):
         if j > 0:
             f = [keras.layers.Dense(channels, use_bias=False) if dense else
                  keras.layers.Conv2D(channels, 3, padding="same", use_bias=False),
-                 TaskBatchNormalization(momentum=NORM_MOMENTUM), keras.layers.Activation("relu")]
+                 TaskBatchNormalization(t, momentum=NORM_MOMENTUM),
+                 keras.layers.Activation("relu")]
         return f, g, h
 
     def routes_tasks(self, training):
@@ -81,14 +93,21 @@ class AttentionNetwork(Block):
     def conditioned_layers(self):
         return []
 
+    def keep_task_statistics(self, num_tasks):
+        # The shared network's rows have no task (their statistics serve
+        # every task alike); f's are routed, and its own from construction.
+        pass
+
     def call(self, x, task_ids=None, training=None, route=None):
         enter = route if task_ids is None else (lambda rows: (rows, task_ids))
         modules = iter(self.modules)
         attended = None  # a^_t of the last block, on the routed rows
-        for layer in self.shared:
-            if not isinstance(layer, Block):
-                x = layer(x, training=training)
-                attended = None if attended is None else layer(attended, training=training)
+        for i, layer in enumerate(self.shared):
+            if not self._attends(layer):
+                if i < self._last_attended:  # the shared features an attended block reads
+                    x = _run([layer], x, None, training)
+                if attended is not None:
+                    attended = _run([layer], attended, task_ids, training)
                 continue
             if not layer.built:  # run by stages, not called: build it as a call would
                 layer.build(x.shape)
@@ -104,6 +123,7 @@ class AttentionNetwork(Block):
 
     def get_config(self):
         return {**super().get_config(), "num_tasks": self.attended_tasks,
+                "attend_dense": self.attend_dense,
                 "shared": [keras.saving.serialize_keras_object(l) for l in self.shared]}
 
     @classmethod
@@ -132,9 +152,11 @@ def _pooled(features, like, block):
     return keras.ops.max_pool(features, pool) if pool != (1, 1) else features
 
 
-def attention_network(backbone, tasks, input_shape, jointly_labelled=True, **kwargs):
+def attention_network(backbone, tasks, input_shape, jointly_labelled=True,
+                      attend_dense=False, **kwargs):
     """An MTAN model: `backbone` (a list of layers) as the shared network,
-    an attention module per task on each of its blocks.
+    an attention module per task on each of its convolution blocks (and
+    dense ones with `attend_dense`, see `AttentionNetwork`).
 
     Tiled routing only: the attention modules serve every task from one
     run of the shared network, which one pass per task would repeat.
@@ -154,8 +176,8 @@ def attention_network(backbone, tasks, input_shape, jointly_labelled=True, **kwa
         raise ValueError(
             "MTAN runs its shared network once for every task: routing must be "
             f"'tiled'. Received: routing={kwargs['routing']!r}")
-    return MultiTaskModel([AttentionNetwork(backbone, len(tasks), name="mtan")], tasks,
-                          input_shape, jointly_labelled, **kwargs)
+    return MultiTaskModel([AttentionNetwork(backbone, len(tasks), attend_dense, name="mtan")],
+                          tasks, input_shape, jointly_labelled, **kwargs)
 
 
 def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epochs):
