@@ -77,14 +77,17 @@ def test_gradnorm_loss_its_gradient_and_renormalisation():
     losses = np.array([1.0, 0.8], "float32")
     norms = np.array([3.0, 1.0], "float32")  # ||grad L_t||
     weighted = np.diag((w * norms) ** 2)  # Gram matrix of grad (w_t L_t)
+    gn.gradnorm_loss.reset_state()
     with tf.GradientTape() as tape:
-        value = gn.update(losses, gn.task_weights(), tf.constant(weighted))
+        term = gn.update(losses, gn.task_weights(), tf.constant(weighted))
     g = w * norms
     rate = (losses / first) / (losses / first).mean()
     target = g.mean() * rate ** 1.5
-    np.testing.assert_allclose(value, np.abs(g - target).sum(), rtol=1e-5)
-    # The target is a constant: d/dw_t = sign(G_t - target_t) ||grad L_t||.
-    np.testing.assert_allclose(tape.gradient(value, gn.loss_weights),
+    np.testing.assert_allclose(gn.gradnorm_loss.result(), np.abs(g - target).sum(), rtol=1e-5)
+    # Its term adds nothing to the objective, and L_grad's gradient to w:
+    # the target is a constant, d/dw_t = sign(G_t - target_t) ||grad L_t||.
+    assert float(term) == 0.0
+    np.testing.assert_allclose(tape.gradient(term, gn.loss_weights),
                                np.sign(g - target) * norms, rtol=1e-5)
     # The task losses do not move the weights.
     with tf.GradientTape() as tape:
@@ -95,6 +98,33 @@ def test_gradnorm_loss_its_gradient_and_renormalisation():
     np.testing.assert_allclose(gn.loss_weights.numpy().sum(), 2.0, rtol=1e-6)
     np.testing.assert_allclose(gn.loss_weights.numpy(), np.array([0.4, 1.7]) * 2 / 2.1,
                                rtol=1e-6)
+
+
+def test_gradnorm_logs_the_network_objective_as_loss():
+    from tf_mtl import backbones, data, methods
+    from tf_mtl.tasks import classification
+
+    tasks = [classification("task_0", 3), classification("task_1", 3)]
+    model = methods.hard_sharing([keras.layers.Flatten(), backbones.DenseUnit(8)], tasks,
+                                 (28, 28, 1))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), weighting="gradnorm")
+    w = np.array([0.5, 1.5])
+    model.weighting.loss_weights.assign(w)
+    dataset = data.load("synthetic", batch_size=32, limit=32).train  # one step
+    x, labels = next(iter(dataset))
+    with tf.GradientTape(persistent=True) as tape:
+        features, _ = model.features(x, training=True)
+        losses = [tf.reduce_mean(t.loss(labels[t.name], model.heads[t.name](features)))
+                  for t in tasks]
+    shared = [v for layer in model.backbone for v in layer.trainable_variables]
+    norms = w * [np.sqrt(sum(np.sum(g ** 2) for g in tape.gradient(loss, shared)))
+                 for loss in losses]
+    logs = model.fit(dataset, verbose=0).history
+    objective = sum(logs[f"{t.name}_weight"][0] * logs[f"{t.name}_loss"][0] for t in tasks)
+    np.testing.assert_allclose(logs["loss"][0], objective, rtol=1e-6)
+    # L_grad of the first step (every rate 1): sum_t |G_t - mean G|.
+    np.testing.assert_allclose(logs["gradnorm_loss"][0], np.abs(norms - norms.mean()).sum(),
+                               rtol=1e-4)
 
 
 def test_weightings_by_name_and_unknown_names():

@@ -175,9 +175,10 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
 
     @property
     def metrics(self):
+        weighting = [] if self.weighting is None else self.weighting.metrics  # gradnorm_loss
         return [self._loss_tracker, *self._term_trackers.values()] + [
             m for metrics in self._task_metrics.values() for m in metrics
-        ] + self._weight_trackers
+        ] + self._weight_trackers + weighting
 
     def set_task_frequencies(self, frequencies):
         """Sets N_t / N from counts or frequencies of each task."""

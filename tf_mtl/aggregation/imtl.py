@@ -2,6 +2,7 @@
 Multi-task Learning", ICLR 2021)."""
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_mtl.aggregation.base import GramianAggregator
@@ -11,18 +12,34 @@ from tf_mtl.aggregation.base import GramianAggregator
 class IMTLG(GramianAggregator):
     """Impartial gradients: the combination `g = sum_t alpha_t g_t`,
     `sum_t alpha_t = 1`, whose projections onto every task's unit gradient
-    `u_t = g_t / ||g_t||` are equal. In closed form (eq. 9):
+    `u_t = g_t / ||g_t||` are equal.
 
-        alpha_{2:T} = g_1 U^T (D U^T)^{-1},  alpha_1 = 1 - sum alpha_{2:T},
-
-    with rows `D_t = g_1 - g_t` and `U_t = u_1 - u_t` (t = 2..T); every
-    product comes from the Gram matrix.
+    With G the Gram matrix, `g . u_t = (G alpha)_t / ||g_t||`, so the
+    condition reads `G alpha = c d`, `d_t = ||g_t||`: `alpha` is `G^+ d`
+    normalised to sum to 1, which is eq. 9's closed form
+    `alpha_{2:T} = g_1 U^T (D U^T)^{-1}` where G is invertible. Through the
+    pseudo-inverse a task whose gradient is zero (no rows in a batch of
+    data not jointly labelled) gets weight 0 and the others are balanced
+    among themselves, as TorchJD's IMTL-G does; every gradient zero gives
+    the zero update. Where no combination projects equally (the gradients
+    span fewer dimensions than the tasks that have one, e.g. more tasks
+    than dimensions) it raises instead of returning what the linear
+    system makes of it.
     """
 
     def task_coefficients(self, gramian):
-        norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(gramian), 1e-20))
-        cos = gramian / norms[None, :]  # cos[i, s] = g_i . u_s
-        g1_u = cos[0, 0] - cos[0, 1:]  # g_1 . (u_1 - u_s)
-        d_u = (cos[0, 0] - cos[0, 1:])[None, :] - (cos[1:, 0:1] - cos[1:, 1:])
-        rest = tf.linalg.solve(tf.transpose(d_u), g1_u[:, None])[:, 0]
-        return tf.concat([1.0 - tf.reduce_sum(rest, keepdims=True), rest], 0)
+        g = tf.cast(gramian, tf.float64)
+        norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(g), 0.0))
+        # Eigenvalues below the rounding of the input's dtype are zero.
+        rcond = 10.0 * np.finfo(gramian.dtype.as_numpy_dtype).eps * tf.cast(
+            tf.shape(g)[0], tf.float64)
+        alpha = tf.linalg.matvec(tf.linalg.pinv(g, rcond=rcond), norms)
+        residual = tf.norm(tf.linalg.matvec(g, alpha) - norms)
+        check = tf.debugging.Assert(residual <= 1e-4 * tf.norm(norms), [
+            "IMTL-G: no combination of the task gradients projects equally onto "
+            "every one: they span fewer dimensions than the tasks with a nonzero "
+            "gradient (more tasks than dimensions?). Relative residual:",
+            residual / tf.norm(norms)])
+        with tf.control_dependencies([check]):
+            alpha = tf.math.divide_no_nan(alpha, tf.reduce_sum(alpha))
+        return tf.cast(alpha, gramian.dtype)

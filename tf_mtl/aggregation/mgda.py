@@ -4,7 +4,7 @@ Optimization", NeurIPS 2018)."""
 import keras
 
 from tf_mtl.aggregation.base import GramianAggregator
-from tf_mtl.aggregation.simplex import min_on_simplex
+from tf_mtl.aggregation.simplex import min_norm_on_simplex
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
@@ -15,7 +15,9 @@ class MGDA(GramianAggregator):
         alpha = argmin_{alpha in simplex} || sum_t alpha_t g_t ||^2   (eq. 3),
 
     a common descent direction of every task (0 at a Pareto-stationary
-    point), solved by Frank-Wolfe on the Gram matrix (Algorithm 2). On the
+    point), solved exactly on the Gram matrix by Wolfe's min-norm-point
+    algorithm (`min_norm_on_simplex`): the paper's Frank-Wolfe (Algorithm
+    2) stops short of an optimum on a face of the simplex. On the
     shared representation (`aggregate_on="representation"`) this is
     MGDA-UB, the paper's upper bound (eq. 7 and Theorem 1): the gradients
     of Z, not of every shared parameter. No gradient normalisation (the
@@ -23,4 +25,4 @@ class MGDA(GramianAggregator):
     """
 
     def task_coefficients(self, gramian):
-        return min_on_simplex(gramian, 0.0 * gramian[0], 1.0)
+        return min_norm_on_simplex(gramian)

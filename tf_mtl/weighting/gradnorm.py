@@ -23,6 +23,12 @@ class GradNorm(Weighting):
     model's optimizer on `L_grad` alone (the task losses do not move it) and
     is renormalised to `sum_t w_t = T` after every step.
 
+    `L_grad` trains w and is no term of the network's objective, so the
+    term `update` returns is `L_grad - stop_gradient(L_grad)`: L_grad's
+    gradient, value 0, and the model's `loss` is `sum_t w_t L_t` as for
+    every weighting. `L_grad` itself is the metric `gradnorm_loss`
+    (`metrics`).
+
     `W` is the part the model aggregates (`MultiTaskModel.compile(
     aggregate_on=...)`): all shared parameters (`"parameters"`), or the
     shared representation (`"representation"`, cheaper); the paper picks the
@@ -54,6 +60,7 @@ class GradNorm(Weighting):
         self.initial_losses = self.add_weight(
             shape=(num_tasks,), name="initial_losses", initializer="zeros",
             trainable=False, aggregation="only_first_replica")
+        self.gradnorm_loss = keras.metrics.Mean(name="gradnorm_loss")
 
     def task_weights(self):
         return tf.stop_gradient(tf.convert_to_tensor(self.loss_weights))
@@ -70,7 +77,9 @@ class GradNorm(Weighting):
         relative = tf.math.divide_no_nan(losses, initial)
         rate = tf.math.divide_no_nan(relative, tf.reduce_mean(relative))
         target = tf.stop_gradient(tf.reduce_mean(g) * rate ** self.alpha)
-        return tf.reduce_sum(tf.abs(g - target))
+        loss = tf.reduce_sum(tf.abs(g - target))
+        self.gradnorm_loss.update_state(loss)
+        return loss - tf.stop_gradient(loss)
 
     def get_config(self):
         return {**super().get_config(), "alpha": self.alpha}
