@@ -330,19 +330,25 @@ class ParameterPassing(keras.callbacks.Callback):
     The phase is a function of the epoch and the step in it, so a run
     resumed at an epoch's start is in the phase an uninterrupted run would
     be (with `steps_per_execution` > 1, a phase starts with the first
-    execution that begins at or after its boundary). Entering self-learning always sets back (a no-op when A already
-    passes nothing), so a run resumed after an adjacent phase still is.
+    execution that begins at or after its boundary). Entering self-learning
+    always sets back (a no-op when A already passes nothing), so a run
+    resumed after an adjacent phase still is.
     The network optimizer's moments are kept across phases and set-backs,
     as in the reference code (which writes the passed weights into the
     parameters in place): `W'` differs from W by one phase of A's steps,
     and Adam's per-coordinate scales stay meaningful for it; resetting them
-    would restart Adam's bias correction every 2 periods.
+    would restart Adam's bias correction every 2 periods. Its `iterations`
+    count the adjacent steps too, though it takes none there: a learning
+    rate schedule is a function of `iterations`, and one over the run's N
+    steps must reach its end at step N (Keras' Adam then corrects its
+    moments' bias for every step, where PyTorch's counts its updates: a
+    difference that fades once `beta_2 ** steps` is small).
 
     Logs gain `adjacent` (1 in adjacent learning). `history` holds, per
     adjacent phase, the epoch of its last step and the task affinity of
     every passed layer (appendix I.2, `tf_mtl.layers.passing.
-    task_affinity`) taken before its set-back, for `tf_mtl.plots.
-    plot_affinity`.
+    task_affinity`; with a matrix per weight, its first weight's) taken
+    before its set-back, for `tf_mtl.plots.plot_affinity`.
 
     Args:
         period: N, the length of each phase (10 epochs in the paper).
@@ -377,7 +383,7 @@ class ParameterPassing(keras.callbacks.Callback):
             raise ValueError("ParameterPassing: a period in steps needs the number of "
                              "steps per epoch, which fit does not know: pass "
                              "`steps_per_epoch`.")
-        matrices = {id(l.passing_matrix) for l in self._layers}
+        matrices = {id(m) for l in self._layers for m in l.passing_matrices}
         # Every weight created trainable, whatever a phase left it at.
         self._network = [v for layer in self.model._flatten_layers(include_self=True)
                          for v in layer._trainable_variables if id(v) not in matrices]
@@ -386,14 +392,16 @@ class ParameterPassing(keras.callbacks.Callback):
         if self.schedule == "fixed":
             for layer in self._layers:
                 if layer.passes_nothing():
-                    layer.passing_matrix.assign(fixed_matrix(layer))
+                    for matrix in layer.passing_matrices:
+                        matrix.assign(fixed_matrix(layer))
             self._freeze(passing=True)
 
     def _set_trainable(self, network, passing):
         for v in self._network:
             v.trainable = network
         for layer in self._layers:
-            layer.passing_matrix.trainable = passing
+            for matrix in layer.passing_matrices:
+                matrix.trainable = passing
 
     def _freeze(self, passing):
         """Freezes the passing matrices (`passing`) or the network, and
@@ -415,6 +423,7 @@ class ParameterPassing(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_begin(self, batch, logs=None):
+        self._first_batch = batch
         phase = self.phase_at(self._epoch, batch)
         if phase == self._phase or self.schedule != "alternate":
             return
@@ -425,6 +434,8 @@ class ParameterPassing(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._trained_epoch = self._epoch
+        if self._phase == "adjacent":  # the steps of this execution
+            self.model.optimizer.iterations.assign_add(batch - self._first_batch + 1)
 
     def _set_back(self):
         from tf_mtl.layers.passing import task_affinity

@@ -10,7 +10,8 @@ what every task passes to task t.
 - `"layer"` passing: one A of T x T per layer.
 - `"channel"` passing: A of (C T) x (C T), C the output channels; W reshaped
   to (d_in, C T) with column `c * T + t` for output channel c of task t (the
-  reference code's order), so `kron(eye(C), A_layer)` is layer passing.
+  reference code's order), so `kron(eye(C), A_layer)` is layer passing. Its
+  SGD steps at the rate over C (`channel_step_scale`).
 
 Variants (appendix G and the reference code): `"linear"`, `W' = W A` with
 A starting at I; `"residual"`, `W' = W + W A`, and `"nonlinear"`,
@@ -39,24 +40,30 @@ def check_passing(passing, variant, learning_rate):
                          f"Received: passing_learning_rate={learning_rate}")
 
 
-def passing_spec(passing="layer", variant="linear", learning_rate=0.1, conv_only=False):
+def passing_spec(passing="layer", variant="linear", learning_rate=0.1, conv_only=False,
+                 per_tensor=False):
     """How a per-task twin passes its weights (`tf_mtl.backbones`): a dict
     that serialises with the blocks that hold it.
 
     Args:
         passing: `"layer"` or `"channel"`.
         variant: `"linear"`, `"residual"` or `"nonlinear"`.
-        learning_rate: the passing matrices' plain SGD (0.1 in B.2).
+        learning_rate: the passing matrices' plain SGD (0.1 in B.2);
+            channel-wise, over C (`channel_step_scale`).
         conv_only: pass the convolution and dense weights only, not the
             normalisation's gamma and beta.
+        per_tensor: one passing matrix per passed weight (kernel and bias,
+            gamma and beta apart, as the reference code) instead of one per
+            layer.
     """
     return check_spec({"passing": passing, "variant": variant,
-                       "learning_rate": float(learning_rate), "conv_only": bool(conv_only)})
+                       "learning_rate": float(learning_rate), "conv_only": bool(conv_only),
+                       "per_tensor": bool(per_tensor)})
 
 
 def check_spec(spec):
     check_passing(spec["passing"], spec["variant"], spec["learning_rate"])
-    return dict(spec)
+    return {"per_tensor": False, **spec}  # specs saved before it was an option
 
 
 def layer_passing(spec, normalization=False):
@@ -64,7 +71,8 @@ def layer_passing(spec, normalization=False):
     if spec is None or (normalization and spec["conv_only"]):
         return {}
     return {"passing": spec["passing"], "passing_variant": spec["variant"],
-            "passing_learning_rate": spec["learning_rate"]}
+            "passing_learning_rate": spec["learning_rate"],
+            "passing_per_tensor": spec["per_tensor"]}
 
 
 def matrix_size(passing, num_tasks, channels):
@@ -78,10 +86,13 @@ def neutral_matrix(variant, size):
 
 
 def pass_weights(stacked, matrix, passing, variant):
-    """The passed weights of one stacked weight `(T, ..., C)`, same shape."""
+    """The passed weights of one stacked weight `(T, ..., C)`, same shape;
+    a channel-wise A's gradient comes scaled by 1 / C
+    (`channel_step_scale`)."""
     if passing == "layer":
         mixed = tf.tensordot(matrix, stacked, axes=[[0], [0]])  # [t] = sum_s A[s, t] W[s]
     else:
+        matrix = _scale_gradient(matrix, channel_step_scale(stacked.shape[-1]))
         rank = len(stacked.shape)
         channels_last = tf.transpose(stacked, [*range(1, rank), 0])  # (..., C, T)
         columns = tf.reshape(channels_last, [-1, matrix.shape[0]])  # column c * T + t
@@ -90,6 +101,36 @@ def pass_weights(stacked, matrix, passing, variant):
     if variant == "linear":
         return mixed
     return stacked + (mixed if variant == "residual" else tf.tanh(mixed))
+
+
+def channel_step_scale(channels):
+    """What a channel-wise A's plain SGD step is scaled by: 1 / C.
+
+    Eq. (13): one step of A moves the passed weights by `-lr W W^T G`
+    (W the weight as the matrix whose columns A mixes, G = dL/dW'). Along
+    a gradient of no preferred direction the step's mean size is
+    `lr tr(W W^T) / dim = lr ||W||_F^2 / dim`, dim the length of a column:
+    d_in C layer-wise (a task's whole copy) but d_in channel-wise (one
+    output channel of one task). So at the same rate a channel-wise A moves
+    W' C times as far as a layer-wise one; scaled by 1 / C, the two take
+    the same mean step at the same rate (the paper's 0.1, B.2). Unscaled,
+    LeNet's 256-unit dense layer steps 256 times as far as layer passing,
+    and the adjacent steps raise the loss they minimise.
+    """
+    return 1.0 / channels
+
+
+def _scale_gradient(value, scale):
+    """`value`, whose gradient is multiplied by `scale` (exactly `value`
+    forward: A at I still passes nothing bit for bit). A scaled gradient,
+    not a scaled learning rate: layers build in Keras' stateless scope,
+    where A's optimizer (made before the channels are known) cannot be
+    changed."""
+    @tf.custom_gradient
+    def identity(x):
+        return tf.identity(x), lambda upstream: upstream * scale
+
+    return identity(tf.convert_to_tensor(value))  # read here: a custom gradient holds no variable
 
 
 def task_affinity(matrix, num_tasks, variant):

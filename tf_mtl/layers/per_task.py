@@ -61,19 +61,25 @@ class PerTaskLayer(TaskConditioned):
     passing nothing and trains with its own plain SGD (the paper's adjacent
     learning, lr `passing_learning_rate`). `set_back()` writes `W'` into W
     and resets A. `tf_mtl.callbacks.ParameterPassing` schedules which of W
-    and A train.
+    and A train. One A passes every weight of the layer (kernel and bias,
+    gamma and beta), or, `passing_per_tensor`, each has its own, as in the
+    reference code; `passing_matrix` is the first weight's (the kernel's,
+    gamma's), `passing_matrices` all of them.
 
     Args:
         num_tasks: T.
         passing: None, `"layer"` (A is T x T) or `"channel"` ((C T) x (C T)).
         passing_variant: `"linear"`, `"residual"` or `"nonlinear"`.
-        passing_learning_rate: A's plain SGD (0.1 in the paper, B.2).
+        passing_learning_rate: A's plain SGD (0.1 in the paper, B.2);
+            channel-wise, its steps are divided by C (`tf_mtl.layers.
+            passing.channel_step_scale`).
+        passing_per_tensor: one A per passed weight instead of one per layer.
     """
 
     passed_weights = ()
 
     def __init__(self, num_tasks, passing=None, passing_variant="linear",
-                 passing_learning_rate=0.1, **kwargs):
+                 passing_learning_rate=0.1, passing_per_tensor=False, **kwargs):
         super().__init__(**kwargs)
         if int(num_tasks) < 1:
             raise ValueError(f"`num_tasks` must be >= 1. Received: {num_tasks}")
@@ -82,6 +88,7 @@ class PerTaskLayer(TaskConditioned):
         self.num_tasks = int(num_tasks)
         self.passing, self.passing_variant = passing, passing_variant
         self.passing_learning_rate = float(passing_learning_rate)
+        self.passing_per_tensor = bool(passing_per_tensor)
         # Made here, not in `build`: Keras may build a layer in a stateless
         # scope, where no optimizer could create its step count.
         self._passing_optimizer = (keras.optimizers.SGD(self.passing_learning_rate)
@@ -92,16 +99,27 @@ class PerTaskLayer(TaskConditioned):
             return
         neutral = neutral_matrix(self.passing_variant,
                                  matrix_size(self.passing, self.num_tasks, channels))
-        self.passing_matrix = self.add_weight(
-            shape=neutral.shape, name="passing_matrix", autocast=False,
-            initializer=lambda shape, dtype=None: neutral)
+        names = [n for n in self.passed_weights if getattr(self, n) is not None]
+        # Attribute names, not a dict of variables: Keras would track it.
+        self._matrix_names = {n: "passing_matrix" for n in names}
+        if self.passing_per_tensor:
+            self._matrix_names.update({n: f"passing_matrix_{n}" for n in names[1:]})
+        for attribute in dict.fromkeys(self._matrix_names.values()):
+            setattr(self, attribute, self.add_weight(
+                shape=neutral.shape, name=attribute, autocast=False,
+                initializer=lambda shape, dtype=None: neutral))
+
+    @property
+    def passing_matrices(self):
+        """Every passing matrix of the layer: one, or one per passed weight."""
+        return [getattr(self, a) for a in dict.fromkeys(self._matrix_names.values())]
 
     def _neutral(self):
         return neutral_matrix(self.passing_variant, self.passing_matrix.shape[0])
 
     def passes_nothing(self):
-        """Whether A is at its start (set back): `W' = W`."""
-        return np.array_equal(self.passing_matrix.numpy(), self._neutral())
+        """Whether every A is at its start (set back): `W' = W`."""
+        return all(np.array_equal(m.numpy(), self._neutral()) for m in self.passing_matrices)
 
     def weight(self, name):
         """Weight `name` as the layer computes with it: passed, if it is."""
@@ -111,36 +129,38 @@ class PerTaskLayer(TaskConditioned):
         folded = folded_weights()
         if folded is not None:  # deployment: no passing matrix in the graph
             return folded.get(id(self), {}).get(name, value)
-        return self._passed(value)
+        return self._passed(name)
 
-    def _passed(self, value):
+    def _passed(self, name):
         # In float32 (A is float32 state), then in the weight's own dtype.
-        value = tf.convert_to_tensor(value)
-        passed = pass_weights(tf.cast(value, tf.float32), tf.cast(
-            self.passing_matrix, tf.float32), self.passing, self.passing_variant)
+        value = tf.convert_to_tensor(getattr(self, name))
+        matrix = getattr(self, self._matrix_names[name])
+        passed = pass_weights(tf.cast(value, tf.float32), tf.cast(matrix, tf.float32),
+                              self.passing, self.passing_variant)
         return tf.cast(passed, value.dtype)
 
     def set_back(self):
         """`W <- W'` for every passed weight, then A passes nothing (eq. 7):
         the layer computes what it did."""
-        passed = {n: self._passed(getattr(self, n)) for n in self.passed_weights
-                  if getattr(self, n) is not None}
+        passed = {n: self._passed(n) for n in self._matrix_names}
         for name, value in passed.items():
             getattr(self, name).assign(value)
-        self.passing_matrix.assign(self._neutral())
+        for matrix in self.passing_matrices:
+            matrix.assign(self._neutral())
 
     def dedicated_optimizer(self):
         if self._passing_optimizer is None:
             return None
         if not self._passing_optimizer.built:  # plain SGD: no slot to create
-            self._passing_optimizer.build([self.passing_matrix])
-        return self._passing_optimizer, [self.passing_matrix]
+            self._passing_optimizer.build(self.passing_matrices)
+        return self._passing_optimizer, self.passing_matrices
 
     def get_config(self):
         config = {**super().get_config(), "num_tasks": self.num_tasks}
         if self.passing is not None:
             config.update(passing=self.passing, passing_variant=self.passing_variant,
-                          passing_learning_rate=self.passing_learning_rate)
+                          passing_learning_rate=self.passing_learning_rate,
+                          passing_per_tensor=self.passing_per_tensor)
         return config
 
 

@@ -20,7 +20,7 @@ from tf_mtl.routing import routing_option
 
 
 def parameter_passing(backbone, tasks, input_shape, jointly_labelled=True, passing="layer",
-                      variant="linear", conv_only=False, learning_rate=0.1,
+                      variant="linear", conv_only=False, learning_rate=0.1, per_tensor=False,
                       kernel_regularizer=None, **kwargs):
     """A model of per-task copies of `backbone` whose layers pass weights.
 
@@ -30,7 +30,7 @@ def parameter_passing(backbone, tasks, input_shape, jointly_labelled=True, passi
             makes the twin (the last two only when set).
         tasks, input_shape, jointly_labelled: see `MultiTaskModel`.
         passing: `"layer"`, `"channel"`, or None (Self-Learn).
-        variant, learning_rate, conv_only: see
+        variant, learning_rate, conv_only, per_tensor: see
             `tf_mtl.layers.passing.passing_spec`.
         kernel_regularizer: of the copies' kernels, e.g.
             `tf_mtl.regularizers.TaskTraceRegularizer` (the paper's
@@ -39,7 +39,8 @@ def parameter_passing(backbone, tasks, input_shape, jointly_labelled=True, passi
     """
     options = {}
     if passing is not None:
-        options["passing"] = passing_spec(passing, variant, learning_rate, conv_only)
+        options["passing"] = passing_spec(passing, variant, learning_rate, conv_only,
+                                          per_tensor)
     if kernel_regularizer is not None:
         options["kernel_regularizer"] = kernel_regularizer
     layers = backbone(num_tasks=len(tasks), **options)
@@ -65,9 +66,12 @@ def define_flags():
     flags.DEFINE_enum("ppnet_period_unit", "epochs", ["epochs", "steps"],
                       "Unit of --ppnet_period.")
     flags.DEFINE_float("ppnet_passing_lr", 0.1, "Plain SGD learning rate of the passing "
-                       "matrices.", lower_bound=1e-8)
+                       "matrices (channel-wise: over C, the layer's channels).",
+                       lower_bound=1e-8)
     flags.DEFINE_bool("ppnet_conv_only", False, "Pass convolution and dense weights only, "
                       "not batch normalisation's gamma and beta.")
+    flags.DEFINE_bool("ppnet_per_tensor", False, "One passing matrix per passed weight "
+                      "(kernel and bias, gamma and beta apart), as the reference code.")
 
 
 def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epochs,
@@ -84,6 +88,7 @@ def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epoc
         backbone, tasks, input_shape, jointly_labelled,
         passing=schedule and flag_values.ppnet_passing, variant=flag_values.ppnet_variant,
         conv_only=flag_values.ppnet_conv_only, learning_rate=flag_values.ppnet_passing_lr,
+        per_tensor=flag_values.ppnet_per_tensor,
         kernel_regularizer=regularizer, **routing_option(flag_values.routing))
     if schedule is None:
         return model, []
