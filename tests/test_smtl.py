@@ -21,11 +21,12 @@ def _dense(num_tasks=None):
 
 
 def _copy(source_layers, target_layers, task=None):
-    """Copies a backbone's weights into a plain one (task t's copies of a
-    per-task twin when `task` is given)."""
+    """Copies a backbone's weights into a plain one; where a weight has a
+    task axis the plain one lacks (a per-task twin's copies, per-task
+    moving statistics), task `task`'s."""
     for source, target in zip(source_layers, target_layers, strict=True):
-        weights = source.get_weights()
-        target.set_weights([w[task] for w in weights] if task is not None else weights)
+        target.set_weights([w[task] if w.ndim > v.ndim else w for w, v in
+                            zip(source.get_weights(), target.get_weights(), strict=True)])
 
 
 def _gates(model):
@@ -48,7 +49,7 @@ def test_gate_at_zero_is_stl_and_at_one_is_hard_sharing(alpha, after):
     for t, task in enumerate(TASKS):
         if alpha:  # HPS on the public encoder
             reference = methods.hard_sharing(BACKBONE(), [task], SHAPE)
-            _copy(encoders.public, reference.backbone)
+            _copy(encoders.public, reference.backbone, task=t)
         else:  # STL on task t's private encoder
             reference = methods.single_task(BACKBONE(), task, SHAPE)
             _copy(encoders.private, reference.backbone, task=t)
