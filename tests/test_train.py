@@ -487,3 +487,12 @@ def test_bilevel_parts_fit_on_data_held_out_of_the_training_split(tmp_path, monk
     run_train(tmp_path, "--method=smtl", "--smtl_bilevel", "--dataset=synthetic",
               "--heldout_fraction=0.25")
     assert seen == {"train": 48, "heldout": 16}  # of the 64 training examples
+
+
+def test_an_unknown_selection_criterion_is_refused_before_training(tmp_path, monkeypatch):
+    from tf_mtl.model import MultiTaskModel
+
+    monkeypatch.setattr(MultiTaskModel, "fit", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(app.UsageError, match="--selection: Unknown selection criterion "
+                                             "'val_f_score'.*val_accuracy"):
+        run_train(tmp_path, "--method=hps", "--dataset=synthetic", "--selection=val_f_score")
