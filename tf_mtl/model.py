@@ -52,10 +52,11 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
 
     Evaluation and inference always use one pass (`call`). Where a
     conditioned layer routes tasks at inference too (Maximum Roaming's
-    partitions, MTAN's attention), inference is per task, and every
-    `TaskBatchNormalization` of the backbone keeps per-task moving
-    statistics (`num_tasks`); where none does (MPPS, whose inference is the
-    fully shared backbone), they stay pooled.
+    partitions, MTAN's attention), inference is per task, and from the first
+    layer that routes, each `TaskBatchNormalization` keeps per-task moving
+    statistics (`keep_task_statistics`; a block may keep a shared part
+    pooled, as MTAN's shared network); where none does (MPPS, whose
+    inference is the fully shared backbone), they stay pooled.
 
     The objective is `sum_t w_t * mean_t(loss_t)` (eq. 1, w_t the task's
     `loss_weight`, times N_t/N for non-jointly labelled data) plus the terms
