@@ -130,6 +130,20 @@ def test_nyuv2_splits_tasks_and_values(nyuv2):
     _check_matches_files(images, labels, files["train"], indices)
 
 
+def test_nyuv2_reads_without_parsing_headers_in_the_map_threads(nyuv2, monkeypatch):
+    """NumPy parses a `.npy` header with `ast`, which races across tf.data's map
+    threads in CPython 3.11: headers are parsed once, while loading."""
+    data_dir, files = nyuv2
+    np.save(data_dir / "val" / "image" / "0.npy", np.asfortranarray(files["val"][0]["image"]))
+    data = nyuv2_cityscapes.load_nyuv2(data_dir, batch_size=2)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("np.load called while reading batches")
+
+    monkeypatch.setattr(np, "load", refuse)
+    _check_matches_files(*_concat(list(data.test.as_numpy_iterator())), files["val"], [0, 1, 2])
+
+
 def test_nyuv2_training_order_is_a_function_of_seed_and_epoch(nyuv2):
     data_dir, files = nyuv2
 

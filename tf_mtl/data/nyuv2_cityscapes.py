@@ -98,6 +98,7 @@ of training.
 
 import os
 import re
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -262,17 +263,18 @@ def _load(data_dir, folders, classes, batch_size, seed, limit, nonnegative_depth
               for split in ("train", "val")}
     first_image = splits["train"]["image"][0]
     size = _image_size(first_image)
-    for paths in splits.values():
-        _check_headers(paths, size, first_image)
+    layouts = {}
+    for split, paths in splits.items():
+        layouts[split] = _check_headers(paths, size, first_image)
         for folder, num_classes in classes.items():
             _check_labels(paths[folder], num_classes)
         if nonnegative_depth:
             _check_nonnegative(paths["depth"])
     count = len(splits["train"]["image"])
     shuffled = lambda rows: _read(ordering.epoch_shuffled(rows, batch_size, seed),
-                                  splits["train"], size)
+                                  layouts["train"], size)
     in_order = lambda split, rows: _read(
-        tf.data.Dataset.from_tensor_slices(rows).batch(batch_size), splits[split], size)
+        tf.data.Dataset.from_tensor_slices(rows).batch(batch_size), layouts[split], size)
 
     def carve(fraction):  # the validation split is the test split: hold out training images
         kept, held = _utils.heldout_split(count, fraction, seed)
@@ -333,17 +335,39 @@ def _folder_paths(folder):
     return [paths[index] for index in range(len(paths))]
 
 
+class _Layout(NamedTuple):
+    """Where a `.npy` file's data lies, to read it without parsing its header again.
+
+    NumPy parses a header with `ast.literal_eval`, which is not thread-safe in
+    CPython 3.11 ("AST constructor recursion depth mismatch" when tf.data's map
+    threads parse at once): headers are parsed once, here, and the threads only
+    read bytes.
+    """
+
+    path: str
+    offset: int
+    shape: tuple
+    dtype: np.dtype
+    fortran_order: bool
+
+    def read(self):
+        count = int(np.prod(self.shape))
+        data = np.fromfile(self.path, dtype=self.dtype, count=count, offset=self.offset)
+        return data.reshape(self.shape, order="F" if self.fortran_order else "C")
+
+
 def _header(path):
-    """The shape and dtype of a `.npy` file, read without its data."""
+    """The `_Layout` of a `.npy` file, read without its data."""
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as error:
         raise ValueError(f"{path!r} is not a readable .npy file: {error}") from error
-    return array.shape, array.dtype
+    fortran_order = array.flags.f_contiguous and not array.flags.c_contiguous
+    return _Layout(path, array.offset, array.shape, array.dtype, fortran_order)
 
 
 def _image_size(path):
-    shape, _ = _header(path)
+    shape = _header(path).shape
     if len(shape) != 3 or shape[-1] != 3:
         raise ValueError(
             f"{path!r} holds an array of shape {shape}; expected an image of "
@@ -362,10 +386,12 @@ def _allowed_shapes(folder, size):
 
 
 def _check_headers(paths, size, first_image):
+    """`{folder: [_Layout of example 0, ...]}`, each checked against `size`."""
+    layouts = {}
     for folder, files in paths.items():
         allowed = _allowed_shapes(folder, size)
-        for path in files:
-            shape, dtype = _header(path)
+        layouts[folder] = [_header(path) for path in files]
+        for path, (_, _, shape, dtype, _) in zip(files, layouts[folder]):
             if shape not in allowed:
                 raise ValueError(
                     f"{path!r} holds an array of shape {shape}; expected "
@@ -375,6 +401,7 @@ def _check_headers(paths, size, first_image):
                 raise ValueError(
                     f"{path!r} holds {dtype} values; expected "
                     f"{'numbers' if folder in _CLASS_FOLDERS else 'floats'}.")
+    return layouts
 
 
 def _check_labels(paths, num_classes):
@@ -400,15 +427,15 @@ def _check_nonnegative(paths):
                 "Auto-Lambda's -1 for unknown disparity as 0).")
 
 
-def _read(indices, paths, size):
+def _read(indices, layouts, size):
     """Batches `(image, {task: label})` of the batches of example `indices`."""
-    return (indices.map(_reader(paths, size), num_parallel_calls=tf.data.AUTOTUNE)
+    return (indices.map(_reader(layouts, size), num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE))
 
 
-def _reader(paths, size):
+def _reader(layouts, size):
     """A map from a batch of example indices to `(image, {task: label})`."""
-    folders = tuple(paths)
+    folders = tuple(layouts)
     shapes = {"image": (*size, 3), "label": size, "depth": (*size, 1), "normal": (*size, 3),
               _PART_FOLDER: size}
     dtypes = {folder: np.int32 if folder in _CLASS_FOLDERS else np.float32
@@ -416,7 +443,7 @@ def _reader(paths, size):
 
     def read_batch(indices):
         return [
-            np.stack([np.load(paths[folder][i]).astype(dtypes[folder])
+            np.stack([layouts[folder][i].read().astype(dtypes[folder])
                       .reshape(shapes[folder]) for i in indices])
             for folder in folders
         ]
