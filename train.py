@@ -7,7 +7,7 @@
 Writes into --output_dir: `history.json` (Keras History, plus the MPPS
 schedule), `results.json` (test metrics at the epoch --selection picks, by
 default the lowest validation loss as the papers report, with that `epoch`,
-and under `last` those of the last epoch), the model of that epoch
+under `last` those of the last epoch, and the model's `parameters`), the model of that epoch
 (`model.keras`; STL: `model_<task>.keras`), TensorBoard logs under `logs/`,
 figures (`*.png`), the run's flags (`run.json`), and the export (SavedModel
 + .tflite) into --export_dir. One run at a time holds an --output_dir.
@@ -354,7 +354,7 @@ def _train_single_tasks(data, tasks, input_shape, strategy, backbone, export_dir
     from tf_mtl import export
     from tf_mtl.methods import single_task, task_view
 
-    histories, results, last = {}, {"epoch": {}}, {"epoch": {}}
+    histories, results, last = {}, {"epoch": {}, "parameters": 0}, {"epoch": {}}
     for index, task in enumerate(tasks):
         view = lambda d: task_view(d, index, task.name, data.jointly_labelled)
         with strategy.scope():
@@ -365,6 +365,7 @@ def _train_single_tasks(data, tasks, input_shape, strategy, backbone, export_dir
         for merged, values in zip((results, last), task_results):
             merged.update({k: v for k, v in values.items() if k not in ("loss", "epoch")})
             merged["epoch"][task.name] = values["epoch"]
+        results["parameters"] += model.count_params()
         if _is_chief(strategy):
             model.save(os.path.join(FLAGS.output_dir, f"model_{task.name}.keras"))
             if FLAGS.export:
@@ -516,6 +517,7 @@ def _run(strategy):
                 FLAGS.epochs)
         history, results, last = _fit(model, strategy, data.train, data.validation,
                                       data.test, callbacks, carve=data.with_heldout)
+        results["parameters"] = model.count_params()
         if not chief:  # its replica of the model, in a folder of its own
             resolver = strategy.cluster_resolver
             folder = os.path.join(FLAGS.output_dir, "workers",
