@@ -1,0 +1,106 @@
+"""Paired comparisons over seeds, and the papers' summary measures on records.
+
+Every comparison pairs runs of the same seed (same data order, same held-out
+split, same initialisation of what the two share) and reports the mean of
+the per-seed differences with a 95 % Student-t interval.
+"""
+
+import math
+
+import numpy as np
+
+from tf_mtl import metrics
+
+# t_{0.975, df} for df = 1..30 (beyond, the normal 1.96 is within 0.02 of it).
+_T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+          2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+          2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+class Interval:
+    """The mean of `values` and the half-width of its 95 % t interval
+    (`nan` from a single value: one seed says nothing of the spread)."""
+
+    def __init__(self, values):
+        values = np.asarray(values, "float64")
+        if values.size == 0:
+            raise ValueError("An interval needs at least one value.")
+        self.n, self.mean = values.size, float(values.mean())
+        df = self.n - 1
+        t = _T_975[df - 1] if 0 < df <= len(_T_975) else 1.96
+        self.half = (t * float(values.std(ddof=1)) / math.sqrt(self.n)) if df else math.nan
+
+    @property
+    def low(self):
+        return self.mean - self.half
+
+    @property
+    def high(self):
+        return self.mean + self.half
+
+    def sign(self):
+        """+1 above 0, -1 below 0, 0 where the interval reaches 0 (or is unknown)."""
+        if math.isnan(self.half):
+            return 0
+        return 1 if self.low > 0 else -1 if self.high < 0 else 0
+
+    def format(self, digits=2):
+        if math.isnan(self.half):
+            return f"{self.mean:+.{digits}f}"
+        return f"{self.mean:+.{digits}f} ± {self.half:.{digits}f}"
+
+
+def task_names(record):
+    """The tasks of a record: those with an `<task>_accuracy` test result."""
+    return sorted(k[:-len("_accuracy")] for k in record["selected"]
+                  if k.endswith("_accuracy"))
+
+
+def accuracy_keys(record):
+    return {f"{t}_accuracy": True for t in task_names(record)}
+
+
+def by_seed(records):
+    return {r["seed"]: r for r in records}
+
+
+def paired(records, references, measure):
+    """`Interval` of `measure(record, reference)` over the seeds both have,
+    or None when they share none."""
+    ours, theirs = by_seed(records), by_seed(references)
+    seeds = sorted(set(ours) & set(theirs))
+    if not seeds:
+        return None
+    return Interval([measure(ours[s], theirs[s]) for s in seeds])
+
+
+def delta_m(record, reference):
+    """Delta of MPPS eq. (5) (percent) of `record` against `reference`, on the
+    test accuracy of each task at the selected epoch."""
+    return metrics.relative_improvement(record["selected"], reference["selected"],
+                                        accuracy_keys(reference))
+
+
+def accuracy_difference(task):
+    """Paired measure: test accuracy of `task` minus the reference's, in points."""
+    key = f"{task}_accuracy"
+    return lambda record, reference: 100 * (record["selected"][key]
+                                            - reference["selected"][key])
+
+
+def eta_hat(records, references):
+    """Safe MTL's eta-hat (section 4.1) on the seed means: the percentage of
+    tasks whose mean accuracy is no lower than STL's."""
+    tasks = task_names(references[0])
+    mean = lambda rs: {f"{t}_accuracy": float(np.mean([r["selected"][f"{t}_accuracy"]
+                                                       for r in rs])) for t in tasks}
+    return metrics.safeness(mean(records), mean(references),
+                            {t: {f"{t}_accuracy": True} for t in tasks})["eta_hat"]
+
+
+def paired_eta_hat(records, references):
+    """eta-hat where a task counts as no worse than STL unless its paired
+    difference's 95 % interval lies below 0."""
+    tasks = task_names(references[0])
+    intervals = [paired(records, references, accuracy_difference(t)) for t in tasks]
+    return 100.0 * float(np.mean([i.sign() >= 0 for i in intervals]))
