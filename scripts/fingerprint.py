@@ -1,0 +1,116 @@
+"""A fingerprint of behaviour: every method's short run, its weights and metrics.
+
+    .venv/bin/python scripts/fingerprint.py /tmp/before.json
+    ... refactor ...
+    .venv/bin/python scripts/fingerprint.py /tmp/after.json --compare /tmp/before.json
+
+Each entry is a `train.py` run: every method for 2 epochs on the synthetic
+data sets (both layouts, jointly labelled and not, where a method takes
+them), a few weighting and aggregator compositions, and the default job for
+1 epoch. Its fingerprint is a SHA-256 of the final weights of every saved
+model (in `get_weights()` order) and the exact test results. On one CPU a
+refactor that changes no behaviour leaves every entry bit for bit equal.
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+METHODS = ("hps", "stl", "mpps", "smtl", "lsmtl", "smtl_c", "lsmtl_c", "mr", "tr", "ppnet",
+           "self_learn", "adj_only", "adj_fixed", "trace_fixed", "trace_dynamic", "mtan",
+           "cross_stitch")
+SHORT = ("--epochs=2", "--width=0.5", "--ppnet_period=1")
+
+
+def entries():
+    """`{name: train.py flags}`."""
+    runs = {}
+    for dataset in ("synthetic", "synthetic_groups"):
+        for method in METHODS:
+            runs[f"{method}/{dataset}"] = (f"--method={method}", f"--dataset={dataset}", *SHORT)
+    runs["smtl_bilevel/synthetic"] = ("--method=smtl", "--smtl_bilevel",
+                                      "--dataset=synthetic", *SHORT)
+    for method, objective in (("hps", "--weighting=uw"), ("hps", "--weighting=gradnorm"),
+                              ("hps", "--weighting=auto_lambda"), ("hps", "--aggregator=pcgrad"),
+                              ("hps", "--aggregator=mgda"), ("mpps", "--aggregator=cagrad"),
+                              ("mpps", "--weighting=dwa"), ("mr", "--aggregator=graddrop")):
+        name = f"{method}+{objective.split('=')[1]}/synthetic"
+        runs[name] = (f"--method={method}", objective, "--dataset=synthetic", *SHORT)
+    runs["default_job"] = ("--epochs=1",)
+    return runs
+
+
+def _weights_sha256(folder):
+    import keras
+    import numpy as np
+
+    import tf_mtl  # noqa: F401  registers the layers for loading
+
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(folder, "model*.keras"))):
+        model = keras.saving.load_model(path)
+        for weight in model.get_weights():
+            digest.update(np.ascontiguousarray(weight).tobytes())
+        keras.backend.clear_session()
+    return digest.hexdigest()
+
+
+def fingerprint(names=None):
+    runs = entries()
+    prints = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, flags in runs.items():
+            if names and name not in names:
+                continue
+            out = os.path.join(scratch, name.replace("/", "_"))
+            subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags,
+                            f"--output_dir={out}", "--export=false", "--verbose=0"],
+                           cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            with open(os.path.join(out, "results.json")) as f:
+                results = json.load(f)
+            prints[name] = {"weights": _weights_sha256(out), "results": results}
+            print(name, prints[name]["weights"][:12], flush=True)
+    return prints
+
+
+def compare(after, before):
+    """Lines naming every entry that differs."""
+    lines = []
+    for name in sorted(set(before) | set(after)):
+        if name not in after or name not in before:
+            lines.append(f"{name}: only in {'before' if name in before else 'after'}")
+        elif after[name] != before[name]:
+            what = [k for k in ("weights", "results") if after[name][k] != before[name][k]]
+            lines.append(f"{name}: {' and '.join(what)} differ")
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("output")
+    parser.add_argument("--compare", help="an earlier fingerprint to compare with")
+    parser.add_argument("--only", action="append", help="entries to run (default: all)")
+    args = parser.parse_args()
+    sys.path.insert(0, ROOT)
+    prints = fingerprint(args.only)
+    with open(args.output, "w") as f:
+        json.dump(prints, f, indent=1, sort_keys=True)
+    if args.compare:
+        with open(args.compare) as f:
+            before = {k: v for k, v in json.load(f).items() if not args.only or k in prints}
+        differ = compare(prints, before)
+        print("\n".join(differ) or f"all {len(prints)} entries equal, bit for bit")
+        return 1 if differ else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
