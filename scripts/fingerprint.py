@@ -8,7 +8,8 @@ Each entry is a `train.py` run: every method for 2 epochs on the synthetic
 data sets (both layouts, jointly labelled and not, where a method takes
 them), a few weighting and aggregator compositions, and the default job for
 1 epoch. Its fingerprint is a SHA-256 of the final weights of every saved
-model (in `get_weights()` order) and the exact test results. On one CPU a
+model (in `get_weights()` order) and the exact test results (or, for a run
+train.py refuses, its error). A rerun continues an unfinished output file. On one CPU a
 refactor that changes no behaviour leaves every entry bit for bit equal.
 """
 
@@ -62,22 +63,32 @@ def _weights_sha256(folder):
     return digest.hexdigest()
 
 
-def fingerprint(names=None):
-    runs = entries()
+def fingerprint(output, names=None):
+    """Runs the entries (`names`, default all) missing from `output`, writing
+    it after each: a rerun continues where one stopped. A run that
+    train.py refuses is fingerprinted by its error's last line."""
     prints = {}
+    if os.path.exists(output):
+        with open(output) as f:
+            prints = json.load(f)
     with tempfile.TemporaryDirectory() as scratch:
-        for name, flags in runs.items():
-            if names and name not in names:
+        for name, flags in entries().items():
+            if (names and name not in names) or name in prints:
                 continue
             out = os.path.join(scratch, name.replace("/", "_"))
-            subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags,
-                            f"--output_dir={out}", "--export=false", "--verbose=0"],
-                           cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-            with open(os.path.join(out, "results.json")) as f:
-                results = json.load(f)
-            prints[name] = {"weights": _weights_sha256(out), "results": results}
-            print(name, prints[name]["weights"][:12], flush=True)
+            run = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags,
+                                  f"--output_dir={out}", "--export=false", "--verbose=0"],
+                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            if run.returncode:
+                prints[name] = {"error": run.stderr.strip().splitlines()[-1]}
+            else:
+                with open(os.path.join(out, "results.json")) as f:
+                    results = json.load(f)
+                prints[name] = {"weights": _weights_sha256(out), "results": results}
+            print(name, prints[name].get("weights", prints[name].get("error")), flush=True)
+            with open(output, "w") as f:
+                json.dump(prints, f, indent=1, sort_keys=True)
     return prints
 
 
@@ -88,7 +99,8 @@ def compare(after, before):
         if name not in after or name not in before:
             lines.append(f"{name}: only in {'before' if name in before else 'after'}")
         elif after[name] != before[name]:
-            what = [k for k in ("weights", "results") if after[name][k] != before[name][k]]
+            what = [k for k in ("weights", "results", "error")
+                    if after[name].get(k) != before[name].get(k)]
             lines.append(f"{name}: {' and '.join(what)} differ")
     return lines
 
@@ -100,9 +112,7 @@ def main():
     parser.add_argument("--only", action="append", help="entries to run (default: all)")
     args = parser.parse_args()
     sys.path.insert(0, ROOT)
-    prints = fingerprint(args.only)
-    with open(args.output, "w") as f:
-        json.dump(prints, f, indent=1, sort_keys=True)
+    prints = fingerprint(args.output, args.only)
     if args.compare:
         with open(args.compare) as f:
             before = {k: v for k, v in json.load(f).items() if not args.only or k in prints}
