@@ -7,6 +7,7 @@ columns: the model starts as T single-task networks (PPNet's Self-Learn).
 
 from tf_mtl.backbones import Block
 from tf_mtl.layers.cross_stitch import CrossStitch
+from tf_mtl.methods.method import Method
 from tf_mtl.model import MultiTaskModel
 from tf_mtl.routing import routing_option
 
@@ -61,3 +62,6 @@ def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epoc
     return cross_stitch(backbone, tasks, input_shape, jointly_labelled,
                         same=flag_values.cross_stitch_same,
                         **routing_option(flag_values.routing)), []
+
+
+METHODS = (Method("cross_stitch", "cross-stitch networks", from_flags),)

@@ -1,5 +1,6 @@
 """Hard parameter sharing: one backbone, one head per task (MPPS eq. 1)."""
 
+from tf_mtl.methods.method import Method
 from tf_mtl.model import MultiTaskModel
 
 
@@ -14,3 +15,6 @@ def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epoc
     `backbone` is the backbone definition: `backbone()` makes one.
     """
     return hard_sharing(backbone(), tasks, input_shape, jointly_labelled), []
+
+
+METHODS = (Method("hps", "hard parameter sharing (PPNet's Share-W)", from_flags),)

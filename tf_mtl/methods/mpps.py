@@ -1,16 +1,29 @@
 """MPPS: multitask learning with progressive parameter sharing (papers/001).
 
 `progressive_sharing` puts a `ProgressiveMask` after the last k conditioned
-sites of a backbone; `tf_mtl.callbacks.ExclusiveCapacityScheduler` moves the
+sites of a backbone; `ExclusiveCapacityScheduler` moves the
 targets along the EC schedule. Training then minimises eq. (3) (with the N_t/N
 weights of appendix 7.1 on non-jointly labelled data); evaluation and export
 use the fully shared backbone.
 """
 
+import os
+import re
+
+import keras
+import numpy as np
+
 from tf_mtl.backbones import sites
-from tf_mtl.layers.progressive_mask import ProgressiveMask
+from tf_mtl.layers.progressive_mask import (
+    ProgressiveMask,
+    exclusive_capacity,
+    exclusive_init,
+    rescale_capacity,
+)
+from tf_mtl.methods.method import Method
 from tf_mtl.model import MultiTaskModel
 from tf_mtl.routing import routing_option
+from tf_mtl.training import conditioned_layers
 
 
 def progressive_sharing(backbone, tasks, input_shape, jointly_labelled=True,
@@ -101,11 +114,18 @@ def define_flags():
     flags.register_validator(
         "mpps_schedule", _valid_schedule,
         message="--mpps_schedule must be separ, fullshare, linear, quad or stepN.")
+    flags.register_multi_flags_validator(
+        ["method", "epochs", "mpps_frozen_start", "mpps_frozen_end"], _frozen_epochs_fit,
+        message="MPPS's frozen epochs (--mpps_frozen_start + --mpps_frozen_end) must fit "
+                "in --epochs.")
+
+
+def _frozen_epochs_fit(values):
+    frozen = [values[k] or 0 for k in ("mpps_frozen_start", "mpps_frozen_end")]
+    return values["method"] != "mpps" or sum(frozen) <= values["epochs"]
 
 
 def _valid_schedule(name):
-    from tf_mtl.callbacks import parse_schedule
-
     try:
         parse_schedule(name)
     except ValueError:
@@ -118,8 +138,6 @@ def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epoc
 
     `backbone` is the backbone definition: `backbone()` makes one.
     """
-    from tf_mtl.callbacks import ExclusiveCapacityScheduler
-
     f = flag_values
     model = progressive_sharing(
         backbone(), tasks, input_shape, jointly_labelled,
@@ -143,3 +161,179 @@ def default_frozen_epochs(epochs):
     (so 8 epochs train 2 at each end, with the exclusive first course and
     the fully shared last one) and none of 1 to 4."""
     return round(epochs / 8)
+
+
+FIXED_SCHEDULES = ("separ", "fullshare", "linear", "quad")
+SCHEDULES = FIXED_SCHEDULES + ("stepN",)
+
+
+def sharing_progress(schedule, epoch, epochs, frozen_start=0, frozen_end=0):
+    """How far the EC schedule of MPPS Figure 3 is at `epoch`, in [0, 1]:
+    0 is the exclusive start (EC = 1 - eps), 1 full sharing (EC = eps).
+
+    - `separ` stays at 0 and `fullshare` at 1 (fixed targets);
+    - the others split the S = epochs - frozen_start - frozen_end scheduled
+      epochs into N courses of equal length and put course k (0-based) at
+      `k / (N - 1)`: the first course is the exclusive start, the last one
+      full sharing, and the frozen epochs lengthen those two (3.5, 4.3.2).
+      `stepN` (`step5`, ...) has N courses, `linear` one per epoch (N = S),
+      and `quad` is `linear` squared.
+
+    Epoch 0 always trains at the exclusive initialisation, which is course 0.
+    The paper does not say which way Quad bends; `u^2` keeps the target
+    exclusive longest, in the spirit of the curriculum.
+    """
+    name, courses = parse_schedule(schedule)
+    if name == "separ":
+        return 0.0
+    if name == "fullshare":
+        return 1.0
+    if epoch < frozen_start:
+        return 0.0
+    if epoch >= epochs - frozen_end:
+        return 1.0
+    scheduled = epochs - frozen_start - frozen_end
+    step = epoch - frozen_start
+    if name == "step":
+        course, last = step * courses // scheduled, courses - 1
+    else:
+        course, last = step, scheduled - 1
+    u = course / last if last > 0 else 1.0
+    return u * u if name == "quad" else u
+
+
+def parse_schedule(schedule):
+    """`(name, courses)` of a schedule name; raises on an unknown one."""
+    match = re.fullmatch(r"step([1-9][0-9]*)", schedule)
+    if match:
+        return "step", int(match.group(1))
+    if schedule in FIXED_SCHEDULES:
+        return schedule, None
+    raise ValueError(
+        f"Unknown EC schedule {schedule!r}: expected one of separ, fullshare, "
+        "linear, quad or stepN (step5, step10, ...)."
+    )
+
+
+def capacity_bounds(eps):
+    """The EC of the exclusive initialisation and of full sharing."""
+    return 1.0 - eps, eps
+
+
+class ExclusiveCapacityScheduler(keras.callbacks.Callback):
+    """The EC scheduler and target update of MPPS (section 3.5, Algorithm 1).
+
+    At the start of epoch i (Algorithm 1's update at the end of epoch i - 1,
+    with the same Phi) it takes the target EC
+    `C = C_max - s(i) * (C_max - C_min)` from the schedule `s`
+    (`sharing_progress`), C_max = 1 - eps (exclusive) and C_min = eps (full
+    sharing), and sets every mask's target to
+
+    - with `update_target=True` (Algorithm 1): `Pi = 1 - (C / EC(Phi)) (1 - Phi)`,
+      the learned Phi with its remaining capacity rescaled;
+    - with `update_target=False` ("without updating", 4.3.4): the same
+      rescaling of the exclusive initialisation, so Pi moves with the
+      schedule alone.
+
+    The EC used is the normalised one of 3.3 (see `rescale_capacity`).
+    Logs gain `ec` (EC of Phi over all masked channels), `ec_target` (that of
+    the target in force during the epoch) and `ec_{layer}` per mask layer.
+    `history` keeps them per epoch with a copy of every Phi, for the figures.
+
+    The position needs no state of its own: it is the epoch `fit` passes,
+    which `keras.callbacks.BackupAndRestore` restores. Setting the target when
+    an epoch begins, not when the last one ends, keeps a checkpoint written
+    at an epoch's end (by a callback before or after this one) complete: a
+    resumed epoch recomputes its target from the restored Phi. A fixed
+    schedule (`fullshare`) so has its target from the first step.
+
+    Args:
+        epochs: the length of training the schedule spans.
+        schedule: one of `SCHEDULES` (`linear` is the paper's default).
+        frozen_start, frozen_end: frozen epochs at the start and the end.
+        update_target: Algorithm 1's update (default) or the linear variant.
+    """
+
+    history_key = "mpps"
+
+    def __init__(self, epochs, schedule="linear", frozen_start=0, frozen_end=0,
+                 update_target=True):
+        super().__init__()
+        parse_schedule(schedule)
+        if frozen_start < 0 or frozen_end < 0 or frozen_start + frozen_end > epochs:
+            raise ValueError(
+                "Frozen epochs must be >= 0 and fit in the training: "
+                f"frozen_start={frozen_start} + frozen_end={frozen_end} > "
+                f"epochs={epochs}"
+            )
+        self.epochs = epochs
+        self.schedule = schedule
+        self.frozen_start = frozen_start
+        self.frozen_end = frozen_end
+        self.update_target = update_target
+        self.history = []
+
+    def on_train_begin(self, logs=None):
+        epochs = (self.params or {}).get("epochs")
+        if epochs is not None and epochs != self.epochs:
+            raise ValueError(
+                f"ExclusiveCapacityScheduler spans epochs={self.epochs} but "
+                f"fit runs epochs={epochs}: give it the same number."
+            )
+
+    def _masks(self):
+        masks = [l for l in conditioned_layers(self.model)
+                 if isinstance(l, ProgressiveMask)]
+        if not masks:
+            raise ValueError("ExclusiveCapacityScheduler: the model has no "
+                             "ProgressiveMask (build it with progressive_sharing).")
+        return masks
+
+    def capacity_at(self, epoch, eps):
+        """C_i, the target EC during `epoch`."""
+        high, low = capacity_bounds(eps)
+        progress = sharing_progress(self.schedule, epoch, self.epochs,
+                                    self.frozen_start, self.frozen_end)
+        return high - progress * (high - low)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        """Sets every mask's target for `epoch` (Algorithm 1's update, from
+        Phi as the previous epoch left it)."""
+        for mask in self._masks():
+            capacity = self.capacity_at(epoch, mask.eps)
+            source = (mask.mask_probs if self.update_target else
+                      exclusive_init(*mask.mask_probs.shape, mask.eps))
+            mask.target_probs.assign(rescale_capacity(source, capacity, mask.eps))
+            mask.target_capacity.assign(capacity)
+            if mask.hold_capacity:  # the course starts with Phi on its capacity
+                mask.mask_probs.assign(mask.project(mask.mask_probs))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        masks = self._masks()
+        per_layer = {m.name: exclusive_capacity(m.mask_probs).numpy() for m in masks}
+        targets = [exclusive_capacity(m.target_probs).numpy() for m in masks]
+        record = {
+            "ec": float(np.mean(np.concatenate(list(per_layer.values())))),
+            "ec_target": float(np.mean(np.concatenate(targets))),
+            **{f"ec_{name}": float(ec.mean()) for name, ec in per_layer.items()},
+        }
+        logs.update(record)
+        self.history.append({
+            "epoch": epoch, **record,
+            "mask_probs": {m.name: m.mask_probs.numpy().tolist() for m in masks},
+        })
+
+    def plot(self, folder, task_names):
+        """`ec.png`, and the share proportions of Figures 6-7 for 3 to 5 tasks
+        (for T tasks a panel per task of C(T-1, 2) lines per layer:
+        unreadable, and minutes to draw, for 20)."""
+        from tf_mtl import plots
+
+        plots.plot_capacity(self.history, os.path.join(folder, "ec.png"))
+        if 3 <= len(task_names) <= 5:
+            plots.plot_share_proportions(self.history, task_names,
+                                         os.path.join(folder, "share_proportions.png"))
+
+
+METHODS = (Method("mpps", "progressive parameter sharing (MPPS)", from_flags),)

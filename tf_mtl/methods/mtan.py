@@ -28,6 +28,7 @@ import keras
 from tf_mtl.backbones import NORM_MOMENTUM, WEIGHTLESS, Block, DenseUnit, run_layers
 from tf_mtl.layers.per_task import PerTaskBatchNormalization, PerTaskConv2D, PerTaskDense
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
+from tf_mtl.methods.method import Method
 from tf_mtl.model import MultiTaskModel
 from tf_mtl.routing import routing_option
 
@@ -184,3 +185,6 @@ def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epoc
     """The model and callbacks of `train.py --method=mtan`."""
     return attention_network(backbone(), tasks, input_shape, jointly_labelled,
                              **routing_option(flag_values.routing)), []
+
+
+METHODS = (Method("mtan", "Multi-Task Attention Network", from_flags),)

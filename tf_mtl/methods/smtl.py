@@ -13,6 +13,9 @@ a_t = 0 task t is single-task learning, with a_t = 1 hard sharing. The lite
 versions make a_t binary with the Gumbel gate (eqs. 3-4).
 """
 
+import functools
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -21,7 +24,9 @@ from tf_mtl.backbones import Block, run_layers, run_tiled
 from tf_mtl.bilevel import hypergradients
 from tf_mtl.layers.base import tiled_tasks
 from tf_mtl.layers.gate import EncoderGate
+from tf_mtl.methods.method import Method
 from tf_mtl.model import MultiTaskModel
+from tf_mtl.training import conditioned_layers
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
@@ -316,13 +321,20 @@ def define_flags():
     flags.DEFINE_float("smtl_virtual_lr", 1e-4,
                        "Bi-level: learning rate of the virtual SGD step (0: first-order "
                        "gate gradients).", lower_bound=0.0)
+    flags.register_multi_flags_validator(
+        ["smtl_bilevel", "weighting", "aggregator"], _bilevel_takes_no_objective,
+        message="Bi-level Safe MTL (--smtl_bilevel) trains on the summed task losses: it "
+                "takes no --weighting or --aggregator.")
+
+
+def _bilevel_takes_no_objective(values):
+    return not values["smtl_bilevel"] or (values["weighting"] is None
+                                          and values["aggregator"] is None)
 
 
 def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epochs,
                lite=False, gates_after_decoders=False):
     """The model and callbacks of `train.py --method=smtl|lsmtl|smtl_c|lsmtl_c`."""
-    from tf_mtl.callbacks import GateHistory
-
     model = safe_sharing(backbone, tasks, input_shape, jointly_labelled, lite=lite,
                          tau=flag_values.smtl_tau, seed=flag_values.seed,
                          gates_after_decoders=gates_after_decoders,
@@ -330,3 +342,49 @@ def from_flags(flag_values, backbone, tasks, input_shape, jointly_labelled, epoc
                          virtual_learning_rate=flag_values.smtl_virtual_lr,
                          gate_learning_rate=flag_values.learning_rate)
     return model, [GateHistory([t.name for t in tasks])]
+
+
+class GateHistory(keras.callbacks.Callback):
+    """Logs each task's Safe MTL gate at every epoch's end.
+
+    Logs gain `alpha_{task}`: the weight (soft gate) or the probability
+    (lite gate) of the public encoder for that task. `history` keeps them per
+    epoch for the figure (`tf_mtl.plots.plot_gates`).
+
+    Args:
+        task_names: the model's tasks, in task-id order.
+    """
+
+    history_key = "smtl"
+
+    def __init__(self, task_names):
+        super().__init__()
+        self.task_names = list(task_names)
+        self.history = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        gates = [l for l in conditioned_layers(self.model) if isinstance(l, EncoderGate)]
+        if not gates:
+            raise ValueError("GateHistory: the model has no EncoderGate "
+                             "(build it with methods.safe_sharing).")
+        # One gate of T tasks (SMTL), or one gate per task (SMTL_c), in task order.
+        probs = np.concatenate([g.public_probs().numpy() for g in gates])
+        alpha = {name: float(a) for name, a in zip(self.task_names, probs, strict=True)}
+        if logs is not None:
+            logs.update({f"alpha_{name}": a for name, a in alpha.items()})
+        self.history.append({"epoch": epoch, "alpha": alpha})
+
+    def plot(self, folder, task_names):
+        from tf_mtl import plots
+
+        plots.plot_gates(self.history, os.path.join(folder, "gates.png"))
+
+
+METHODS = (
+    Method("smtl", "Safe MTL, soft gates", from_flags),
+    Method("lsmtl", "lite Safe MTL, Gumbel gates", functools.partial(from_flags, lite=True)),
+    Method("smtl_c", "Safe MTL, gates after the decoders",
+           functools.partial(from_flags, gates_after_decoders=True)),
+    Method("lsmtl_c", "lite Safe MTL, gates after the decoders",
+           functools.partial(from_flags, lite=True, gates_after_decoders=True)),
+)

@@ -10,6 +10,7 @@ others' data (non-jointly labelled data shrinks to that task's examples).
 
 import tensorflow as tf
 
+from tf_mtl.methods.method import Method
 from tf_mtl.model import MultiTaskModel
 
 
@@ -28,3 +29,6 @@ def task_view(dataset, task_index, task_name, jointly_labelled):
         return tf.boolean_mask(x, keep), {task_name: tf.boolean_mask(y, keep)}
 
     return dataset.map(select).filter(lambda x, labels: tf.shape(x)[0] > 0)
+
+
+METHODS = (Method("stl", "single-task learning, one model per task", single_task=True),)
