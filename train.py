@@ -7,8 +7,10 @@
 Writes into --output_dir: `history.json` (Keras History, plus the MPPS
 schedule), `results.json` (test metrics at the epoch --selection picks, by
 default the lowest validation loss as the papers report, with that `epoch`,
-under `last` those of the last epoch, and the model's `parameters`), the model of that epoch
-(`model.keras`; STL: `model_<task>.keras`), TensorBoard logs under `logs/`,
+under `last` those of the last epoch, the model's `parameters`, and
+`task_metrics`, each task's metrics with whether higher is better), the
+model of that epoch (`model.keras`; STL: `model_<task>.keras`), TensorBoard
+logs under `logs/`,
 figures (`*.png`), the run's flags (`run.json`), and the export (SavedModel
 + .tflite) into --export_dir. One run at a time holds an --output_dir.
 
@@ -32,14 +34,18 @@ import os
 import shutil
 import time
 
+import keras
+import tensorflow as tf
 from absl import app, flags
 
+from tf_mtl import aggregation, methods, metrics, optimizers, weighting
+from tf_mtl.checkpoint import (
+    Checkpoint, Selection, check_same_run, exclusive_folder, is_chief)
+
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("method", "mpps",
-                  ["hps", "stl", "mpps", "smtl", "lsmtl", "smtl_c", "lsmtl_c", "mr", "tr",
-                   "ppnet", "self_learn", "adj_only", "adj_fixed", "trace_fixed",
-                   "trace_dynamic", "mtan", "cross_stitch"],
-                  "Method to train (PPNet's Share-W baseline is hps).")
+flags.DEFINE_enum("method", "mpps", list(methods.METHODS),
+                  "Method to train: " + "; ".join(f"{m.name}, {m.help}"
+                                                  for m in methods.METHODS.values()) + ".")
 flags.DEFINE_enum("dataset", "multifashion",
                   ["multifashion", "multifashion_texture", "fashion_groups",
                    "fashion_domains", "fashion_scenes", "synthetic", "synthetic_groups",
@@ -62,7 +68,7 @@ flags.DEFINE_integer("epochs", 8, "Training epochs.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
 flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Optimizer (sgd: with --momentum).")
 flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.", lower_bound=1e-8)
-flags.DEFINE_enum("lr_schedule", "constant", ["constant", "step", "cosine"],
+flags.DEFINE_enum("lr_schedule", "constant", list(optimizers.SCHEDULES),
                   "Learning rate over training: constant; step (times --lr_decay_rate "
                   "every --lr_decay_epochs); cosine (decayed to 0 at the last step).")
 flags.DEFINE_float("lr_decay_epochs", 100, "step schedule: epochs between two decays.",
@@ -129,53 +135,9 @@ flags.DEFINE_bool("deterministic", False,
                   "bit-identical reruns and resumes on GPUs too, slower. CPU runs "
                   "are bit-identical without it.")
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from tf_mtl.checkpoint import Checkpoint, Selection, exclusive_folder  # noqa: E402
-
-from tf_mtl import aggregation, weighting  # noqa: E402
-from tf_mtl.methods import cross_stitch_network, hps, mpps, mtan, ppnet, roaming, smtl  # noqa: E402
-
 weighting.define_flags()
 aggregation.define_flags()
-mpps.define_flags()
-smtl.define_flags()
-roaming.define_flags()
-ppnet.define_flags()
-cross_stitch_network.define_flags()
-
-
-@flags.multi_flags_validator(
-    ["method", "epochs", "mpps_frozen_start", "mpps_frozen_end"],
-    message="MPPS's frozen epochs (--mpps_frozen_start + --mpps_frozen_end) must fit "
-            "in --epochs.")
-def _frozen_epochs_fit(values):
-    frozen = [values[k] or 0 for k in ("mpps_frozen_start", "mpps_frozen_end")]
-    return values["method"] != "mpps" or sum(frozen) <= values["epochs"]
-@flags.multi_flags_validator(
-    ["smtl_bilevel", "weighting", "aggregator"],
-    message="Bi-level Safe MTL (--smtl_bilevel) trains on the summed task losses: it "
-            "takes no --weighting or --aggregator.")
-def _bilevel_takes_no_objective(values):
-    return not values["smtl_bilevel"] or (values["weighting"] is None
-                                          and values["aggregator"] is None)
-
-
-METHODS = {
-    "hps": hps.from_flags, "mpps": mpps.from_flags, "smtl": smtl.from_flags,
-    "lsmtl": functools.partial(smtl.from_flags, lite=True),
-    "smtl_c": functools.partial(smtl.from_flags, gates_after_decoders=True),
-    "lsmtl_c": functools.partial(smtl.from_flags, lite=True, gates_after_decoders=True),
-    "mr": roaming.from_flags, "tr": functools.partial(roaming.from_flags, roaming=False),
-    "ppnet": ppnet.from_flags,
-    "adj_only": functools.partial(ppnet.from_flags, schedule="joint"),
-    "adj_fixed": functools.partial(ppnet.from_flags, schedule="fixed"),
-    "self_learn": functools.partial(ppnet.from_flags, schedule=None),
-    "trace_fixed": functools.partial(ppnet.from_flags, schedule=None, trace="fixed"),
-    "trace_dynamic": functools.partial(ppnet.from_flags, schedule=None, trace="dynamic"),
-    "mtan": mtan.from_flags, "cross_stitch": cross_stitch_network.from_flags,
-}
+methods.define_flags()
 
 
 def _dense_tasks(tasks):
@@ -217,39 +179,16 @@ def _backbone(dense):
     return functools.partial(backbones.BACKBONES[FLAGS.backbone], FLAGS.width, **options)
 
 
-def _learning_rate(steps_per_epoch):
-    """--learning_rate under --lr_schedule, a function of the optimizer's
-    step count (which checkpoints keep: a resumed run goes on where it was)."""
-    if FLAGS.lr_schedule == "constant":
-        return FLAGS.learning_rate
-    if steps_per_epoch < 1:
-        raise app.UsageError(f"--lr_schedule={FLAGS.lr_schedule} needs the number of "
-                             "steps per epoch, and the training split does not say it.")
-    if FLAGS.lr_schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(FLAGS.learning_rate,
-                                                      FLAGS.epochs * steps_per_epoch)
-    every = max(1, round(FLAGS.lr_decay_epochs * steps_per_epoch))
-    # Keras' schedule keeps a boundary's step on the earlier rate; step k
-    # (from 0) is the first of a decayed epoch.
-    boundaries = [k - 1 for k in range(every, FLAGS.epochs * steps_per_epoch, every)]
-    if not boundaries:  # Keras' piecewise schedule needs one
-        return FLAGS.learning_rate
-    return keras.optimizers.schedules.PiecewiseConstantDecay(
-        boundaries, [FLAGS.learning_rate * FLAGS.lr_decay_rate ** k
-                     for k in range(len(boundaries) + 1)])
-
-
 def _optimizer(steps_per_epoch):
-    from tf_mtl import optimizers
-
-    rate = _learning_rate(steps_per_epoch)
-    sgd = {"momentum": FLAGS.momentum} if FLAGS.optimizer == "sgd" else {}
-    if FLAGS.weight_decay and FLAGS.weight_decay_mode == "l2":
-        make = optimizers.SGDL2 if sgd else optimizers.AdamL2
-        return make(rate, l2=FLAGS.weight_decay, **sgd)
-    decay = {"weight_decay": FLAGS.weight_decay} if FLAGS.weight_decay else {}
-    make = keras.optimizers.SGD if sgd else keras.optimizers.Adam
-    return make(rate, **sgd, **decay)
+    try:
+        rate = optimizers.learning_rate(FLAGS.learning_rate, FLAGS.lr_schedule, FLAGS.epochs,
+                                        steps_per_epoch, FLAGS.lr_decay_epochs,
+                                        FLAGS.lr_decay_rate)
+    except ValueError:
+        raise app.UsageError(f"--lr_schedule={FLAGS.lr_schedule} needs the number of "
+                             "steps per epoch, and the training split does not say it.") from None
+    return optimizers.build(FLAGS.optimizer, rate, FLAGS.momentum, FLAGS.weight_decay,
+                           FLAGS.weight_decay_mode)
 
 
 def _strategy():
@@ -263,19 +202,6 @@ def _strategy():
                 "(see the README's multi-worker section).")
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
-
-
-def _is_chief(strategy):
-    """Whether this process writes the run's outputs: always, except under
-    multi-worker training where the chief does (the `chief` task, or worker
-    0 of a cluster without one)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    if resolver.task_type == "chief":
-        return True
-    return (resolver.task_type == "worker" and resolver.task_id == 0
-            and "chief" not in resolver.cluster_spec().as_dict())
 
 
 def _fit(model, strategy, train, validation, test, callbacks, name=None, carve=None):
@@ -317,7 +243,7 @@ def _fit(model, strategy, train, validation, test, callbacks, name=None, carve=N
     except ValueError as error:
         raise app.UsageError(f"--selection: {error}") from None
     checkpoint = Checkpoint(where("checkpoint"), where("logs"), tracked,
-                            writes=_is_chief(strategy), selection=selection)
+                            writes=is_chief(strategy), selection=selection)
     # With --noresume the chief has emptied the folder; another worker must
     # not read it meanwhile.
     try:
@@ -366,7 +292,7 @@ def _train_single_tasks(data, tasks, input_shape, strategy, backbone, export_dir
             merged.update({k: v for k, v in values.items() if k not in ("loss", "epoch")})
             merged["epoch"][task.name] = values["epoch"]
         results["parameters"] += model.count_params()
-        if _is_chief(strategy):
+        if is_chief(strategy):
             model.save(os.path.join(FLAGS.output_dir, f"model_{task.name}.keras"))
             if FLAGS.export:
                 export.export(model, os.path.join(export_dir, task.name))
@@ -393,8 +319,6 @@ def _load_reference(tasks):
 
 def _compare(tasks, results, reference):
     """Delta (MPPS eq. 5), Delta_I and eta-hat (Safe MTL 4.1) against STL."""
-    from tf_mtl import metrics
-
     safeness = metrics.safeness(results, reference, metrics.task_metrics(tasks))
     return {"delta": metrics.relative_improvement(results, reference,
                                                   metrics.directions(tasks)),
@@ -402,8 +326,6 @@ def _compare(tasks, results, reference):
 
 
 def _print_table(tasks, results):
-    from tf_mtl import metrics
-
     last = results["last"]
     print(f"\ntest at epoch {results['epoch']} (--selection={results['selection']}); "
           f"last: epoch {last['epoch']}")
@@ -431,36 +353,23 @@ RERUN_MAY_CHANGE = frozenset({
 
 
 def _check_same_run():
-    """Refuses to continue another run's checkpoint, naming the flags that
-    differ: `<output_dir>/run.json` keeps the flags of the run that wrote it."""
-    path = os.path.join(FLAGS.output_dir, "run.json")
+    """Refuses to continue another run's checkpoint (`check_same_run`): the
+    flags of this file and of tf_mtl but `RERUN_MAY_CHANGE`."""
     ours = FLAGS.find_module_defining_flag("method")
     flag_values = {f.name: f.value for module, defined in FLAGS.flags_by_module_dict().items()
                    if module == ours or module.startswith("tf_mtl.") for f in defined
                    if f.name not in RERUN_MAY_CHANGE}
-    flag_values = json.loads(json.dumps(flag_values))  # as run.json will read
-    checkpoint = os.path.join(FLAGS.output_dir, "checkpoint")
-    if os.path.exists(path) and os.path.isdir(checkpoint) and os.listdir(checkpoint):
-        with open(path) as f:
-            before = json.load(f)
-        differ = sorted(k for k in set(before) | set(flag_values)
-                        if before.get(k) != flag_values.get(k))
-        if differ:
-            raise app.UsageError(
-                f"--output_dir={FLAGS.output_dir} holds the checkpoint of a run with other "
-                "flags (" + "; ".join(f"--{k}: {before.get(k)!r} there, "
-                                      f"{flag_values.get(k)!r} here" for k in differ)
-                + "). Rerun with that run's flags to continue it, --noresume to start over "
-                "in that folder, or give another --output_dir.")
-    with open(path, "w") as f:
-        json.dump(flag_values, f, indent=1)
+    try:  # the values as run.json will read them
+        check_same_run(FLAGS.output_dir, json.loads(json.dumps(flag_values)))
+    except ValueError as error:
+        raise app.UsageError(f"--output_dir: {error}") from None
 
 
 def main(argv):
     del argv
     strategy = _strategy()  # first: MultiWorkerMirroredStrategy precedes every op
     with contextlib.ExitStack() as stack:
-        if _is_chief(strategy):  # the one writer of the output folder
+        if is_chief(strategy):  # the one writer of the output folder
             try:
                 stack.enter_context(exclusive_folder(FLAGS.output_dir))
             except RuntimeError as error:
@@ -469,12 +378,10 @@ def main(argv):
 
 
 def _run(strategy):
-    from tf_mtl import data as datasets, export, plots
-    from tf_mtl.callbacks import (
-        ExclusiveCapacityScheduler, GateHistory, MaximumRoaming, ParameterPassing)
+    from tf_mtl import data as datasets, export
 
     start = time.time()
-    chief = _is_chief(strategy)
+    chief = is_chief(strategy)
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.mixed_precision != "none":
         keras.mixed_precision.set_dtype_policy(FLAGS.mixed_precision)
@@ -505,14 +412,15 @@ def _run(strategy):
         _check_same_run()
 
     extra = {}
-    if FLAGS.method == "stl":
+    method = methods.METHODS[FLAGS.method]
+    if method.single_task:
         history, results, last = _train_single_tasks(
             data, tasks, input_shape, strategy, backbone, export_dir)
         if not chief:
             return
     else:
         with strategy.scope():
-            model, callbacks = METHODS[FLAGS.method](
+            model, callbacks = method.build(
                 FLAGS, backbone, tasks, input_shape, data.jointly_labelled,
                 FLAGS.epochs)
         history, results, last = _fit(model, strategy, data.train, data.validation,
@@ -528,30 +436,13 @@ def _run(strategy):
         model.save(os.path.join(FLAGS.output_dir, "model.keras"))
         if FLAGS.export:
             export.export(model, export_dir)
-        for callback in callbacks:
-            if isinstance(callback, ExclusiveCapacityScheduler):
-                extra["mpps"] = callback.history
-                plots.plot_capacity(callback.history,
-                                    os.path.join(FLAGS.output_dir, "ec.png"))
-                # MPPS draws it for 3 tasks: a panel per task of C(T-1, 2)
-                # lines per layer, unreadable (and minutes to draw) for 20.
-                if 3 <= len(tasks) <= 5:
-                    plots.plot_share_proportions(
-                        callback.history, [t.name for t in tasks],
-                        os.path.join(FLAGS.output_dir, "share_proportions.png"))
-            if isinstance(callback, GateHistory):
-                extra["smtl"] = callback.history
-                plots.plot_gates(callback.history, os.path.join(FLAGS.output_dir, "gates.png"))
-            if isinstance(callback, MaximumRoaming):
-                extra["roaming"] = callback.history
-                plots.plot_roaming(callback.history,
-                                   os.path.join(FLAGS.output_dir, "roaming.png"))
-            if isinstance(callback, ParameterPassing) and callback.history:
-                extra["passing"] = callback.history
-                plots.plot_affinity(callback.history, [t.name for t in tasks],
-                                    os.path.join(FLAGS.output_dir, "affinity.png"))
+        for callback in callbacks:  # the method's records, and their figures
+            if getattr(callback, "history_key", None) and callback.history:
+                extra[callback.history_key] = callback.history
+                callback.plot(FLAGS.output_dir, [t.name for t in tasks])
 
-    results = {**results, "selection": FLAGS.selection, "last": last}
+    results = {**results, "selection": FLAGS.selection, "last": last,
+               "task_metrics": metrics.task_metrics(tasks)}
     if reference is not None:
         results["vs_reference"] = _compare(tasks, results, reference)
     with open(os.path.join(FLAGS.output_dir, "history.json"), "w") as f:

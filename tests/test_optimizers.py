@@ -1,9 +1,11 @@
-"""tf_mtl.optimizers: PyTorch's L2 weight decay on Keras' optimizers."""
+"""tf_mtl.optimizers: PyTorch's L2 weight decay on Keras' optimizers, and the
+learning-rate schedules."""
 
 import keras
 import numpy as np
 import pytest
 
+from tf_mtl import optimizers
 from tf_mtl.optimizers import AdamL2, SGDL2
 
 
@@ -28,3 +30,18 @@ def test_serialises_and_refuses_a_negative_coefficient():
     assert isinstance(restored, SGDL2) and restored.l2 == pytest.approx(1e-4)
     with pytest.raises(ValueError, match="`l2` must be >= 0"):
         AdamL2(l2=-1.0)
+
+
+def test_learning_rate_schedules_follow_the_step_count():
+    step = optimizers.learning_rate(0.1, "step", 5, 10, decay_epochs=2, decay_rate=0.5)
+    cosine = optimizers.learning_rate(0.1, "cosine", 5, 10)
+    rates = [float(step(s)) for s in (0, 19, 20, 39, 40, 49)]
+    np.testing.assert_allclose(rates, [0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    np.testing.assert_allclose([float(cosine(0)), float(cosine(25)), float(cosine(50))],
+                               [0.1, 0.05, 0.0], atol=1e-7)
+    assert optimizers.learning_rate(0.1, "constant", 5, 0) == 0.1
+    with pytest.raises(ValueError, match="steps per epoch"):
+        optimizers.learning_rate(0.1, "cosine", 5, 0)
+    with pytest.raises(ValueError, match="'exp'"):
+        optimizers.learning_rate(0.1, "exp", 5, 10)
+

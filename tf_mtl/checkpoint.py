@@ -1,5 +1,7 @@
 """Runs that resume: the training state at every epoch's end, the epoch a run
-reports (the papers' validation-selected one), and one run per folder.
+reports (the papers' validation-selected one), one run per folder, its
+writer under multi-worker training (`is_chief`), and a refusal to continue
+another run's checkpoint (`check_same_run`).
 
     selection = Selection("val_loss", tasks)
     checkpoint = Checkpoint("out/checkpoint", "out/logs", selection=selection)
@@ -243,3 +245,40 @@ def exclusive_folder(folder):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def is_chief(strategy):
+    """Whether this process writes a run's outputs under `strategy`: always,
+    except under multi-worker training, where the chief does (the `chief`
+    task, or worker 0 of a cluster without one)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return (resolver.task_type == "worker" and resolver.task_id == 0
+            and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def check_same_run(folder, flag_values):
+    """Refuses to continue another run's checkpoint: `<folder>/run.json`
+    keeps the flags (`{name: value}`, JSON values) of the run that wrote
+    `<folder>/checkpoint`; a `ValueError` names every flag that differs.
+    Then writes `flag_values` there."""
+    path = os.path.join(folder, "run.json")
+    checkpoint = os.path.join(folder, "checkpoint")
+    if os.path.exists(path) and os.path.isdir(checkpoint) and os.listdir(checkpoint):
+        with open(path) as f:
+            before = json.load(f)
+        differ = sorted(k for k in set(before) | set(flag_values)
+                        if before.get(k) != flag_values.get(k))
+        if differ:
+            raise ValueError(
+                f"{folder} holds the checkpoint of a run with other flags ("
+                + "; ".join(f"--{k}: {before.get(k)!r} there, {flag_values.get(k)!r} here"
+                            for k in differ)
+                + "). Rerun with that run's flags to continue it, --noresume to start over "
+                "in that folder, or give another --output_dir.")
+    with open(path, "w") as f:
+        json.dump(flag_values, f, indent=1)
+
