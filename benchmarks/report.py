@@ -1,6 +1,6 @@
 """`benchmarks/RESULTS.md` from the records alone (`harness.py report`).
 
-Per data set of the main table: every method's test accuracy per task at the
+Per data set of the main table: every method's test metrics per task at the
 validation-selected epoch, Delta (MPPS eq. 5) against STL and against HPS,
 Safe MTL's eta-hat and its paired version, parameters and time per step
 relative to HPS, and what the method's mechanism did over the run; a figure
@@ -64,6 +64,19 @@ def _mean_ratio(records, references, value):
     return float(np.mean(ours) / np.mean(theirs))
 
 
+def _name(key, higher_is_better):
+    """A metric's column: `<task> <metric>` and which way is better."""
+    return f"{key.replace('_', ' ')} {'↑' if higher_is_better else '↓'}"
+
+
+def _value(key, value):
+    return 100 * value if key.endswith("accuracy") else value
+
+
+def _digits(key):
+    return 2 if key.endswith("accuracy") else 4
+
+
 def _cell(interval, digits=2):
     return "–" if interval is None else interval.format(digits)
 
@@ -76,13 +89,14 @@ def _selected_epoch(record):
 def main_table(dataset, runs):
     """Markdown lines of one data set's main table."""
     stl, hps = runs.get("STL", []), runs.get("HPS", [])
-    tasks = stats.task_names(next(iter(runs.values()))[0])
-    header = (["method", *tasks, "Δ vs STL (%)", "Δ vs HPS (%)", "η̂", "η̂ paired",
+    directions = stats.directions(next(iter(runs.values()))[0])
+    keys = list(directions)
+    header = (["method", *(_name(k, directions[k]) for k in keys), "Δ vs STL (%)", "Δ vs HPS (%)", "η̂", "η̂ paired",
                "params / HPS", "step time / HPS", "epoch", "seeds", "mechanism at the end"])
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for label, records in runs.items():
-        accuracy = [stats.Interval([100 * r["selected"][f"{t}_accuracy"] for r in records])
-                    .format().lstrip("+") for t in tasks]
+        accuracy = [stats.Interval([_value(k, r["selected"][k]) for r in records])
+                    .format(_digits(k)).lstrip("+") for k in keys]
         safe = ["–", "–"]
         if stl and label != "STL":
             safe = [f"{stats.eta_hat(records, stl):.0f}",
@@ -210,10 +224,10 @@ def write(records, experiments, page):
         "is: `benchmarks/experiments.py`; how the page is computed: "
         "`benchmarks/report.py` and `benchmarks/stats.py`.",
         "",
-        "Test accuracy (%) at the epoch of best mean validation accuracy, mean ± half "
-        "the 95 % t interval over seeds; every Δ is a paired difference over seeds "
+        "Test metrics (accuracies in %) at the epoch the data set's budget selects on "
+        "validation (`experiments.BUDGETS`), mean ± half the 95 % t interval over seeds; every Δ is a paired difference over seeds "
         "(same seed: same data order and split) with its 95 % interval. η̂: Safe MTL's "
-        "share of tasks whose mean accuracy is no lower than STL's; η̂ paired: a task "
+        "share of tasks whose mean metrics are no worse than STL's; η̂ paired: a metric "
         "counts as no worse unless its paired interval lies below 0.",
         "",
         "## Verdicts",

@@ -50,14 +50,22 @@ class Interval:
         return f"{self.mean:+.{digits}f} ± {self.half:.{digits}f}"
 
 
+def task_metrics(record):
+    """`{task: {metric key: higher is better}}` of a record: as train.py
+    wrote it, or (records before it did) each task's `<task>_accuracy`."""
+    if "task_metrics" in record["selected"]:
+        return record["selected"]["task_metrics"]
+    return {k[:-len("_accuracy")]: {k: True} for k in sorted(record["selected"])
+            if k.endswith("_accuracy")}
+
+
 def task_names(record):
-    """The tasks of a record: those with an `<task>_accuracy` test result."""
-    return sorted(k[:-len("_accuracy")] for k in record["selected"]
-                  if k.endswith("_accuracy"))
+    return list(task_metrics(record))
 
 
-def accuracy_keys(record):
-    return {f"{t}_accuracy": True for t in task_names(record)}
+def directions(record):
+    """`{metric key: higher is better}` over every task of a record."""
+    return {k: h for metrics_ in task_metrics(record).values() for k, h in metrics_.items()}
 
 
 def by_seed(records):
@@ -76,31 +84,33 @@ def paired(records, references, measure):
 
 def delta_m(record, reference):
     """Delta of MPPS eq. (5) (percent) of `record` against `reference`, on the
-    test accuracy of each task at the selected epoch."""
+    test metrics of every task at the selected epoch."""
     return metrics.relative_improvement(record["selected"], reference["selected"],
-                                        accuracy_keys(reference))
+                                        directions(reference))
 
 
-def accuracy_difference(task):
-    """Paired measure: test accuracy of `task` minus the reference's, in points."""
-    key = f"{task}_accuracy"
-    return lambda record, reference: 100 * (record["selected"][key]
-                                            - reference["selected"][key])
+def improvement(key, higher_is_better):
+    """Paired measure: how much better than the reference `key` is (its
+    difference, signed so that positive is better; accuracies in points)."""
+    scale = 100.0 if key.endswith("accuracy") else 1.0
+    sign = 1.0 if higher_is_better else -1.0
+    return lambda record, reference: sign * scale * (record["selected"][key]
+                                                     - reference["selected"][key])
 
 
 def eta_hat(records, references):
-    """Safe MTL's eta-hat (section 4.1) on the seed means: the percentage of
-    tasks whose mean accuracy is no lower than STL's."""
-    tasks = task_names(references[0])
-    mean = lambda rs: {f"{t}_accuracy": float(np.mean([r["selected"][f"{t}_accuracy"]
-                                                       for r in rs])) for t in tasks}
-    return metrics.safeness(mean(records), mean(references),
-                            {t: {f"{t}_accuracy": True} for t in tasks})["eta_hat"]
+    """Safe MTL's eta-hat (section 4.1) on the seed means: the share of
+    tasks (each the mean over its metrics) no worse than STL, in percent."""
+    grouped = task_metrics(references[0])
+    mean = lambda rs: {k: float(np.mean([r["selected"][k] for r in rs]))
+                       for metrics_ in grouped.values() for k in metrics_}
+    return metrics.safeness(mean(records), mean(references), grouped)["eta_hat"]
 
 
 def paired_eta_hat(records, references):
-    """eta-hat where a task counts as no worse than STL unless its paired
+    """eta-hat where a metric counts as no worse than STL unless its paired
     difference's 95 % interval lies below 0."""
-    tasks = task_names(references[0])
-    intervals = [paired(records, references, accuracy_difference(t)) for t in tasks]
-    return 100.0 * float(np.mean([i.sign() >= 0 for i in intervals]))
+    safe = [np.mean([paired(records, references, improvement(k, h)).sign() >= 0
+                     for k, h in metrics_.items()])
+            for metrics_ in task_metrics(references[0]).values()]
+    return 100.0 * float(np.mean(safe))

@@ -117,10 +117,29 @@ def test_paired_measures_pair_seeds_and_eta_hat_reads_intervals():
     assert delta.n == 3 and math.isclose(delta.mean, np.mean(
         [stats.delta_m(m, s) for m, s in zip(mtl, stl[2:] + stl[:2])]))
     assert stats.paired(mtl, [_record(5, a=0.8, b=0.7)], stats.delta_m) is None
-    difference = stats.paired(mtl, stl, stats.accuracy_difference("b"))
+    difference = stats.paired(mtl, stl, stats.improvement("b_accuracy", True))
     assert math.isclose(difference.mean, -0.5) and difference.sign() == -1
     assert stats.eta_hat(mtl, stl) == 50.0
     assert stats.paired_eta_hat(mtl, stl) == 50.0
     noisy = [_record(0, a=0.85, b=0.69), _record(1, a=0.83, b=0.73), _record(2, a=0.82, b=0.70)]
     assert stats.eta_hat(noisy, stl) == 50.0  # b's mean is lower ...
     assert stats.paired_eta_hat(noisy, stl) == 100.0  # ... within its interval
+
+
+def test_metrics_lower_is_better_and_several_per_task_follow_train_py():
+    grouped = {"seg": {"seg_miou": True, "seg_pixel_accuracy": True},
+               "depth": {"depth_error": False}}
+    record = lambda seed, miou, pixel, error: {"seed": seed, "selected": {
+        "seg_miou": miou, "seg_pixel_accuracy": pixel, "depth_error": error,
+        "task_metrics": grouped}}
+    stl = [record(0, 0.5, 0.8, 0.20), record(1, 0.5, 0.8, 0.22)]
+    mtl = [record(0, 0.55, 0.8, 0.21), record(1, 0.56, 0.79, 0.23)]  # depth worse
+
+    expected = 100 * np.mean([0.05 / 0.5, 0.0, -0.01 / 0.20])
+    assert math.isclose(stats.delta_m(mtl[0], stl[0]), expected)
+    worse = stats.paired(mtl, stl, stats.improvement("depth_error", False))
+    assert math.isclose(worse.mean, -0.01) and math.isclose(worse.half, 0.0, abs_tol=1e-12)
+    # seg: mIoU better, pixel accuracy 0.8 vs 0.8 then 0.79: its mean is lower.
+    assert stats.eta_hat(mtl, stl) == 25.0
+    # Paired: pixel accuracy's interval (0, -1 points) reaches 0; depth's lies below.
+    assert stats.paired_eta_hat(mtl, stl) == 50.0
