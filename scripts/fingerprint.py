@@ -93,16 +93,27 @@ def fingerprint(output, names=None):
 
 
 def compare(after, before):
-    """Lines naming every entry that differs."""
+    """Lines naming every entry that differs. Results keys only `after` has
+    are named apart: an addition to results.json changes no behaviour."""
     lines = []
     for name in sorted(set(before) | set(after)):
         if name not in after or name not in before:
             lines.append(f"{name}: only in {'before' if name in before else 'after'}")
-        elif after[name] != before[name]:
-            what = [k for k in ("weights", "results", "error")
-                    if after[name].get(k) != before[name].get(k)]
-            lines.append(f"{name}: {' and '.join(what)} differ")
+            continue
+        ours, theirs = after[name], before[name]
+        what = [k for k in ("weights", "error") if ours.get(k) != theirs.get(k)]
+        results, earlier = ours.get("results", {}), theirs.get("results", {})
+        what += [f"results[{k!r}]" for k in sorted(earlier) if results.get(k) != earlier[k]]
+        if what:
+            lines.append(f"{name}: {', '.join(what)} differ")
     return lines
+
+
+def added_keys(after, before):
+    """The results keys every entry of `after` has and its `before` lacks."""
+    added = [set(a["results"]) - set(before[n]["results"]) for n, a in after.items()
+             if "results" in a and "results" in before.get(n, {})]
+    return sorted(set.intersection(*added)) if added else []
 
 
 def main():
@@ -118,6 +129,7 @@ def main():
             before = {k: v for k, v in json.load(f).items() if not args.only or k in prints}
         differ = compare(prints, before)
         print("\n".join(differ) or f"all {len(prints)} entries equal, bit for bit")
+        print("results keys added:", ", ".join(added_keys(prints, before)) or "none")
         return 1 if differ else 0
     return 0
 
