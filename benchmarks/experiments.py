@@ -44,9 +44,11 @@ class Budget:
     def roaming_interval(self, sharing_ratio):
         """Delta such that the plan of the largest layer (one channel per task
         swapped per update, so (1 - p) C updates) ends within the first third
-        of training."""
+        of training: a whole number of steps between updates (the callback
+        rounds Delta to steps), the most that fit."""
         updates = math.ceil((1 - sharing_ratio) * round(self.largest_layer * self.width))
-        return round(self.epochs / 3 / (updates + 1), 4)
+        steps_between = max(1, self.epochs * self.steps // 3 // updates)
+        return round(steps_between / self.steps, 6)
 
     def ppnet_period(self, alternations=15):
         """N in steps: `alternations` self/adjacent pairs over training."""

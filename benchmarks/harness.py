@@ -11,8 +11,9 @@ flags of `train.py` and the seeds. Each (experiment, seed) is one run of
 record, a small JSON file (flags, commit, per-epoch history, test results at
 the selected and at the last epoch, wall time), is written under
 `--results_dir/<group>/<data set>/<label>/seed<k>.json`. A run whose record
-exists is never redone, so a later session continues where one stopped; an
-interrupted run resumes from its checkpoint (`train.py` resumes by itself).
+has its flags is never redone, so a later session continues where one
+stopped (a record of flags since changed is redone); an interrupted run
+resumes from its checkpoint (`train.py` resumes by itself).
 
 Run it from a git worktree pinned to a commit, writing the records into the
 main checkout, so that editing code meanwhile cannot change an experiment:
@@ -30,6 +31,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -79,13 +81,16 @@ class Run:
         label = re.sub(r"[^A-Za-z0-9.=+-]+", "_", e.label).strip("_")
         return f"{e.group}/{e.dataset}/{label}/seed{self.seed}"
 
-    def argv(self, output_dir):
+    def flags(self):
+        """`train.py`'s flags but the output folder. The harness's own come
+        after the experiment's: on a repeated flag absl keeps the last."""
         e = self.experiment
-        # The harness's own flags after the experiment's: on a repeated flag absl
-        # keeps the last.
-        return [sys.executable, os.path.join(ROOT, "train.py"), *e.flags,
-                f"--dataset={e.dataset}", f"--seed={self.seed}",
-                f"--output_dir={output_dir}", "--export=false", "--verbose=2"]
+        return [*e.flags, f"--dataset={e.dataset}", f"--seed={self.seed}", "--export=false",
+                "--verbose=2"]
+
+    def argv(self, output_dir):
+        return [sys.executable, os.path.join(ROOT, "train.py"), *self.flags(),
+                f"--output_dir={output_dir}"]
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -125,13 +130,22 @@ def _commit():
         return None
 
 
-def execute(run, results_dir, scratch_dir):
-    """Runs `run` unless its record exists; returns its record path, or raises
-    naming the run and its log."""
+def is_recorded(run, results_dir):
+    """Whether `run` has a record made with its flags as declared now."""
     path = record_path(results_dir, run)
-    if os.path.exists(path):
+    return os.path.exists(path) and _read_json(path)["flags"] == run.flags()
+
+
+def execute(run, results_dir, scratch_dir):
+    """Runs `run` unless it is recorded; returns its record path, or raises
+    naming the run and its log. A record of other flags (the declaration
+    changed) is redone from the start."""
+    path = record_path(results_dir, run)
+    if is_recorded(run, results_dir):
         return path
     output_dir = os.path.join(scratch_dir, run.key)
+    if os.path.exists(path):
+        shutil.rmtree(output_dir, ignore_errors=True)
     os.makedirs(output_dir, exist_ok=True)
     log = os.path.join(output_dir, "train.log")
     start = time.perf_counter()
@@ -151,7 +165,7 @@ def execute(run, results_dir, scratch_dir):
         **{f.name: getattr(run.experiment, f.name) for f in dataclasses.fields(Experiment)
            if f.name != "seeds"},
         "seed": run.seed,
-        "argv": run.argv(output_dir)[2:],
+        "flags": run.flags(),
         "run_flags": run_flags,
         "commit": _commit(),
         # A run resumed after a kill counts only its last process's time.
@@ -170,7 +184,7 @@ def execute(run, results_dir, scratch_dir):
 
 def pending(experiments, results_dir):
     return [run for e in experiments for run in e.runs()
-            if not os.path.exists(record_path(results_dir, run))]
+            if not is_recorded(run, results_dir)]
 
 
 def run_all(experiments, results_dir, scratch_dir, jobs=1,
@@ -236,5 +250,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), ROOT]  # experiments, tf_mtl
     sys.exit(main())

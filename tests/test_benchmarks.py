@@ -41,6 +41,8 @@ def test_harness_runs_records_skips_and_reports(tmp_path):
     assert record["selected"]["parameters"] > 0
     assert len(record["step_ms"]) == 1 and record["step_ms"][0] > 0
     assert record["commit"] and record["seconds"] > 0
+    assert record["flags"] == [*TINY, "--method=hps", "--dataset=synthetic", "--seed=1",
+                               "--export=false", "--verbose=2"]
     stl = records["main/synthetic/STL/seed0"]
     assert set(stl["selected"]["epoch"]) == {"task_0", "task_1"}
     assert len(stl["step_ms"]) == 2  # one fit per task
@@ -51,6 +53,11 @@ def test_harness_runs_records_skips_and_reports(tmp_path):
     assert harness.run_all(experiments, results, scratch, jobs=2, report=said.append) == []
     assert said == [] and harness.pending(experiments, results) == []
     assert {p: os.path.getmtime(p) for p in results.rglob("*.json")} == mtimes
+    # ... unless its declaration changed since.
+    changed = harness.Experiment("main", "synthetic", "HPS", (*TINY, "--method=hps",
+                                                               "--learning_rate=0.01"), (0, 1))
+    assert [r.key for r in harness.pending([changed], results)] == [
+        "main/synthetic/HPS/seed0", "main/synthetic/HPS/seed1"]
 
     # The page comes from the records alone.
     page = tmp_path / "RESULTS.md"
