@@ -15,6 +15,8 @@ import os
 import keras
 import tensorflow as tf
 
+from tf_mtl._keras import flatten_layers
+
 
 def serving_function(model):
     """The `tf.function` `image -> {task: output}` of `model` at inference
@@ -53,7 +55,7 @@ def in_float32(model):
     """`model`, or, if some layer of it computes in another dtype (a mixed
     precision policy), a copy of it computing in float32 with its weights."""
     if all(getattr(layer, "compute_dtype", "float32") == "float32"
-           for layer in model._flatten_layers()):
+           for layer in flatten_layers(model)):
         return model
     config = keras.saving.serialize_keras_object(model)
     config.pop("compile_config", None)

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from tf_mtl import aggregation, objective, task_gradients, weighting as weightings
 from tf_mtl import tasks as tasks_module
+from tf_mtl._keras import flatten_layers, unlocked_tracking
 from tf_mtl.backbones import run_layers, run_tiled
 from tf_mtl.layers.base import objective_scope, tile_tasks
 from tf_mtl.layers.passing import fold_passing, folded_passing
@@ -126,7 +127,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         # Terms the conditioned layers add to the training objective (MPPS:
         # `kl`), logged apart: evaluation runs without them.
         layers = [l for block in self.backbone
-                  for l in block._flatten_layers(include_self=True, recursive=True)]
+                  for l in flatten_layers(block)]
         self._term_trackers = {name: keras.metrics.Mean(name=name) for name in sorted(
             {getattr(l, "objective_name", None) for l in layers} - {None})}
         first = first_routed_layer(self.backbone, False)
@@ -455,11 +456,9 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                 keras.metrics.Mean(name=f"{name}_weight") for name in self.task_names]
         # The model is built; its state grows by the objective's, which it
         # then saves and checkpoints with its own.
-        locked = self._tracker.locked
-        self._tracker.unlock()
-        self.weighting, self.aggregator, self._weight_trackers = weighting, aggregator, trackers
-        if locked:
-            self._tracker.lock()
+        with unlocked_tracking(self):
+            self.weighting, self.aggregator, self._weight_trackers = (
+                weighting, aggregator, trackers)
         self.aggregate_on, self.per_task_gradients = aggregate_on, per_task_gradients
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
         if getattr(weighting, "fits_on_heldout_data", False) and isinstance(

@@ -13,8 +13,7 @@ then the usual `compile(optimizer, loss)` and `fit`.
 
 import keras
 import tensorflow as tf
-from keras.src.models.functional import Functional
-
+from tf_mtl._keras import Functional, flatten_layers
 from tf_mtl.layers.base import TaskConditioned, objective_scope
 
 
@@ -22,7 +21,7 @@ def conditioned_layers(model):
     """The task-conditioned layers of any Keras model or layer, in the order
     they were added."""
     found = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in flatten_layers(model, include_self=False):
         if isinstance(layer, TaskConditioned) and all(layer is not f for f in found):
             found.append(layer)
     return found
@@ -67,8 +66,8 @@ class ConditionedTraining:
                 rows_tape.watch(scale)
                 weights = scale if sample_weight is None else tf.nest.map_structure(
                     lambda w: tf.cast(w, scale.dtype) * scale, sample_weight)
-                loss = self._compute_loss(x=x, y=y, y_pred=y_pred,
-                                          sample_weight=weights, training=True)
+                loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=weights,
+                                         training=True)
             if scope.records:
                 loss += self._conditioned_terms(
                     scope, rows_tape.gradient(loss, scale), sample_weight, rows)
@@ -189,9 +188,15 @@ def worker_logs(logs):
     """
     strategy = tf.distribute.get_strategy()
     if not (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode()):
+            and _workers(strategy) > 1):
         return logs
     return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+
+
+def _workers(strategy):
+    """The processes of a multi-worker cluster (its chief and workers)."""
+    jobs = strategy.cluster_resolver.cluster_spec().as_dict()
+    return sum(len(jobs.get(job, ())) for job in ("chief", "worker"))
 
 
 def _replicas():

@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from tf_mtl._keras import flatten_layers
 from tf_mtl.layers.base import (
     TaskConditioned, apply_conditioned, task_blocks, tile_tasks, tiled_rows)
 from tf_mtl.layers.passing import check_spec, layer_passing
@@ -141,7 +142,7 @@ class Block(keras.layers.Layer):
     def keep_task_statistics(self, num_tasks):
         """Gives the block's `TaskBatchNormalization`s per-task moving
         statistics (`MultiTaskModel`, where inference is per task)."""
-        for layer in self._flatten_layers(include_self=False):
+        for layer in flatten_layers(self, include_self=False):
             if isinstance(layer, TaskBatchNormalization):
                 layer.keep_task_statistics(num_tasks)
 

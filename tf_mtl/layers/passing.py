@@ -25,6 +25,8 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from tf_mtl._keras import flatten_layers
+
 PASSINGS = ("layer", "channel")
 VARIANTS = ("linear", "residual", "nonlinear")
 
@@ -177,7 +179,7 @@ def folded_weights():
 
 def passed_layers(model):
     """The layers of `model` that pass their weights."""
-    return [l for l in model._flatten_layers(include_self=False, recursive=True)
+    return [l for l in flatten_layers(model, include_self=False)
             if getattr(l, "passing_matrix", None) is not None]
 
 

@@ -18,6 +18,7 @@ import os
 
 import keras
 
+from tf_mtl._keras import created_trainable, flatten_layers
 from tf_mtl.layers.passing import passing_spec
 from tf_mtl.methods.method import Method
 from tf_mtl.model import MultiTaskModel
@@ -182,8 +183,8 @@ class ParameterPassing(keras.callbacks.Callback):
                              "`steps_per_epoch`.")
         matrices = {id(m) for l in self._layers for m in l.passing_matrices}
         # Every weight created trainable, whatever a phase left it at.
-        self._network = [v for layer in self.model._flatten_layers(include_self=True)
-                         for v in layer._trainable_variables if id(v) not in matrices]
+        self._network = [v for layer in flatten_layers(self.model)
+                         for v in created_trainable(layer) if id(v) not in matrices]
         self._phase = self._trained_epoch = None
         self._train_functions = {}  # one trace per phase, kept for the fit
         if self.schedule == "fixed":

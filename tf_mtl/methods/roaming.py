@@ -15,6 +15,7 @@ import os
 import keras
 import numpy as np
 
+from tf_mtl._keras import flatten_layers
 from tf_mtl.backbones import sites
 from tf_mtl.layers.partition import ChannelPartition
 from tf_mtl.methods.method import Method
@@ -125,7 +126,7 @@ class MaximumRoaming(keras.callbacks.Callback):
 
         kernels = {}
         if self.selection == "least_aligned":
-            for block in self.model._flatten_layers(include_self=False, recursive=True):
+            for block in flatten_layers(self.model, include_self=False):
                 if isinstance(block, Block):
                     for site, layer in block.conditioned.items():
                         kernels[id(layer)] = block.site_kernel(int(site))
