@@ -67,7 +67,7 @@ def learning_rate(rate, schedule, epochs, steps_per_epoch, decay_epochs=100.0,
             `decay_epochs` epochs; `"cosine"`, decayed to 0 at the last step.
         epochs, steps_per_epoch: the length of training.
 
-    >>> float(learning_rate(0.1, "step", 4, 10, decay_epochs=2)(20))
+    >>> round(float(learning_rate(0.1, "step", 4, 10, decay_epochs=2)(20)), 6)
     0.05
     """
     if schedule not in SCHEDULES:
