@@ -138,15 +138,19 @@ def is_recorded(run, results_dir):
 
 def execute(run, results_dir, scratch_dir):
     """Runs `run` unless it is recorded; returns its record path, or raises
-    naming the run and its log. A record of other flags (the declaration
-    changed) is redone from the start."""
+    naming the run and its log. A run of other flags (the declaration
+    changed), recorded or interrupted, is redone from the start."""
     path = record_path(results_dir, run)
     if is_recorded(run, results_dir):
         return path
     output_dir = os.path.join(scratch_dir, run.key)
-    if os.path.exists(path):
-        shutil.rmtree(output_dir, ignore_errors=True)
+    started = os.path.join(output_dir, "harness_flags.json")
+    if os.path.exists(output_dir) and (not os.path.exists(started)
+                                       or _read_json(started) != run.flags()):
+        shutil.rmtree(output_dir)  # a checkpoint of other flags: start over
     os.makedirs(output_dir, exist_ok=True)
+    with open(started, "w") as f:
+        json.dump(run.flags(), f)
     log = os.path.join(output_dir, "train.log")
     start = time.perf_counter()
     with open(log, "a") as out:

@@ -79,8 +79,15 @@ def test_a_failed_run_is_named_with_its_log_and_leaves_no_record(tmp_path, monke
         returncode = 3
 
     monkeypatch.setattr(harness.subprocess, "run", lambda *a, **k: Failed())
+    # An interrupted run of other flags left its checkpoint: it starts over.
+    interrupted = tmp_path / "s" / "main/synthetic/HPS/seed0"
+    (interrupted / "checkpoint").mkdir(parents=True)
+    (interrupted / "harness_flags.json").write_text(json.dumps(["--method=mpps"]))
     said = []
     failed = harness.run_all([experiment], tmp_path / "r", tmp_path / "s", report=said.append)
+    assert not (interrupted / "checkpoint").exists()
+    assert json.loads((interrupted / "harness_flags.json").read_text()) == \
+        experiment.runs()[0].flags()
 
     assert failed == ["main/synthetic/HPS/seed0"]
     assert "main/synthetic/HPS/seed0: train.py exited with 3" in said[0]
