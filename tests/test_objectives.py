@@ -148,7 +148,7 @@ def test_auto_lambda_hypergradient_is_minus_alpha_times_gradient_inner_products(
     for v, g in zip(network, step):
         v.assign_sub(0.5 * g)
     with tf.GradientTape() as tape:
-        heldout_loss = model._step(heldout, training=True)
+        heldout_loss = model.batch_objective(heldout, training=True)
     heldout_grad = dense(tape.gradient(heldout_loss, network))
     for v, value in zip(network, start):
         v.assign(value)

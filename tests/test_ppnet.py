@@ -388,8 +388,8 @@ def test_regularised_self_learn_adds_the_penalty_and_saves(tmp_path):
     tasks_only = methods.parameter_passing(LENET, TASKS, SHAPE, passing=None)
     tasks_only.set_weights(model.get_weights())
     tasks_only.compile(optimizer="adam")
-    np.testing.assert_allclose(float(model._step(batch, training=False)),
-                               float(tasks_only._step(batch, training=False)) + penalty,
+    np.testing.assert_allclose(float(model.batch_objective(batch, training=False)),
+                               float(tasks_only.batch_objective(batch, training=False)) + penalty,
                                rtol=1e-5)
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")

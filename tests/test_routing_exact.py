@@ -114,7 +114,7 @@ def _routed(model, mask, data, sequential=False):
             values.append(float(step.objective))
         else:
             with tf.GradientTape() as tape:
-                loss = model._step(data, training=True)
+                loss = model.batch_objective(data, training=True)
             grad = tape.gradient(loss, mask.mask_probs)
             values.append(float(loss))
         grads.append(tf.convert_to_tensor(grad).numpy())

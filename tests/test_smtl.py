@@ -177,11 +177,11 @@ def test_bilevel_gate_gradient_is_the_derivative_through_the_virtual_step():
         """L_val(w - xi grad_w L_train(w, a), a), by assigning w'."""
         gates[0].assign(logits)
         with tf.GradientTape() as tape:
-            loss = model._step(train, training=True)
+            loss = model.batch_objective(train, training=True)
         weights = [w.numpy() for w in network]
         for w, g in zip(network, tape.gradient(loss, network)):
             w.assign_sub(xi * g)
-        value = float(model._step(heldout, training=True))
+        value = float(model.batch_objective(heldout, training=True))
         for w, value_w in zip(network, weights):
             w.assign(value_w)
         return value

@@ -28,7 +28,7 @@ def hypergradients(model, train, heldout, network, hyper, virtual_learning_rate,
 
     Args:
         model: a `MultiTaskModel`; `L` is its objective on a batch
-            (`model._step`, this replica's share).
+            (`model.batch_objective`, this replica's share).
         train, heldout: a batch of each.
         network: w, the variables of the virtual step.
         hyper: h, the variables differentiated.
@@ -44,14 +44,14 @@ def hypergradients(model, train, heldout, network, hyper, virtual_learning_rate,
         if virtual_learning_rate is not None:
             with tf.GradientTape() as inner, keras.StatelessScope():
                 scaled = model.optimizer.scale_loss(
-                    model._step(train, training=True, weights=train_weights))
+                    model.batch_objective(train, training=True, weights=train_weights))
             scale = getattr(model.optimizer, "dynamic_scale", 1.0)  # mixed precision
             gradients = [g if g is None else all_replicas_sum(tf.convert_to_tensor(g)) / scale
                          for g in inner.gradient(scaled, network)]
             mapping = [(w, w - virtual_learning_rate * g)
                        for w, g in zip(network, gradients) if g is not None]
         with keras.StatelessScope(state_mapping=mapping):
-            heldout_loss = model._step(heldout, training=True)
+            heldout_loss = model.batch_objective(heldout, training=True)
             if heldout_optimizer is not None:
                 heldout_loss = heldout_optimizer.scale_loss(heldout_loss)
     return outer.gradient(heldout_loss, hyper)

@@ -304,7 +304,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
                 (self._term_trackers[n], v) for n, v in (named or {}).items()]:
             tracker.update_state(value * replicas, sample_weight=global_batch / replicas)
 
-    def _step(self, data, training, weights=None):
+    def batch_objective(self, data, training, weights=None):
         """The objective of one batch in one pass, tasks weighted by
         `weights` (None: equally; this replica's share); tracked."""
         x, task_ids, labels = self._unpack(data)
@@ -338,7 +338,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         """Indices in `trainable_variables` of the parameters an aggregator
         acts on with `aggregate_on="parameters"`: the backbone's, except
         those a conditioned layer trains with an optimizer of its own."""
-        owners = self._optimizer_of()
+        owners = self.variable_optimizers()
         backbone = {id(v) for layer in self.backbone for v in layer.trainable_variables}
         return [i for i, v in enumerate(self.trainable_variables)
                 if id(v) in backbone and owners[id(v)] is self.optimizer]
@@ -394,7 +394,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         return gradients, extra
 
     def test_step(self, data):
-        self._step(data, training=False)
+        self.batch_objective(data, training=False)
         return self._logs()
 
     # -- checks before any step runs ---------------------------------------

@@ -94,7 +94,7 @@ class ConditionedTraining:
 
     # -- optimizers ---------------------------------------------------------
 
-    def _optimizer_of(self):
+    def variable_optimizers(self):
         """`{id(variable): optimizer}` for every trainable variable: the
         model's optimizer, except where a conditioned layer trains some with
         its own (`TaskConditioned.dedicated_optimizer`)."""
@@ -111,7 +111,7 @@ class ConditionedTraining:
         from a loss scaled by the model's optimizer) with the optimizer
         owning each variable."""
         variables = self.trainable_variables if variables is None else variables
-        owners = self._optimizer_of()
+        owners = self.variable_optimizers()
         # The model's optimizer unscales its own gradients (`scale_loss`); a
         # dedicated optimizer gets them unscaled, and under dynamic loss
         # scaling (mixed float16) none where the scaled ones overflowed: the
@@ -138,7 +138,7 @@ class ConditionedTraining:
         and then refuse a checkpoint that holds fewer slots)."""
         if self.optimizer is None or self.optimizer.built:
             return
-        owners = self._optimizer_of()
+        owners = self.variable_optimizers()
         with self.distribute_strategy.scope():
             self.optimizer.build([v for v in self.trainable_variables
                                   if owners[id(v)] is self.optimizer])

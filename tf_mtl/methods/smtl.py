@@ -202,8 +202,8 @@ class SafeSharing(MultiTaskModel):
     def takes_heldout_data(self):
         return self.bilevel or super().takes_heldout_data()
 
-    def _optimizer_of(self):
-        owners = super()._optimizer_of()
+    def variable_optimizers(self):
+        owners = super().variable_optimizers()
         if self.bilevel:
             owners.update({id(g.logits): self.gate_optimizer for g in self.gates})
         return owners
@@ -228,7 +228,7 @@ class SafeSharing(MultiTaskModel):
         self.gate_optimizer.apply_gradients(
             zip(self._hypergradients(train, heldout, network, gates), gates))
         with tf.GradientTape() as tape:
-            loss = self.optimizer.scale_loss(self._step(train, training=True))
+            loss = self.optimizer.scale_loss(self.batch_objective(train, training=True))
         self.apply_conditioned_gradients(tape.gradient(loss, network), network)
         return self._logs()
 

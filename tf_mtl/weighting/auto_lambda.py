@@ -84,7 +84,7 @@ class AutoLambda(Weighting):
     def fit_heldout(self, model, train, heldout):
         """One step of lambda on the held-out loss after the virtual step
         (before the network's step on `train`)."""
-        owners = model._optimizer_of()
+        owners = model.variable_optimizers()
         network = [v for v in model.trainable_variables if owners[id(v)] is model.optimizer]
         alpha = self.virtual_learning_rate or model.optimizer.learning_rate
         (gradient,) = hypergradients(model, train, heldout, network, [self.lambdas], alpha,
