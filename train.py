@@ -4,13 +4,13 @@
     python train.py --flagfile=configs/hps_multifashion.cfg
     python train.py --method=stl --dataset=fashion_groups --epochs=5
 
-Writes into --output_dir: `history.json` (Keras History, plus the MPPS
-schedule), `results.json` (test metrics at the epoch --selection picks, by
-default the lowest validation loss as the papers report, with that `epoch`,
-under `last` those of the last epoch, the model's `parameters`, and
-`task_metrics`, each task's metrics with whether higher is better), the
-model of that epoch (`model.keras`; STL: `model_<task>.keras`), TensorBoard
-logs under `logs/`,
+Writes into --output_dir: `history.json` (Keras History, plus the method's
+records: MPPS's schedule, the partitions, gates or passing), `results.json`
+(test metrics at the epoch --selection picks, by default the lowest
+validation loss as the papers report, with that `epoch`, under `last` those
+of the last epoch, the model's `parameters`, and `task_metrics`, each
+task's metrics with whether higher is better), the model of that epoch
+(`model.keras`; STL: `model_<task>.keras`), TensorBoard logs under `logs/`,
 figures (`*.png`), the run's flags (`run.json`), and the export (SavedModel
 + .tflite) into --export_dir. One run at a time holds an --output_dir.
 
