@@ -109,8 +109,12 @@ def eta_hat(records, references):
 
 def paired_eta_hat(records, references):
     """eta-hat where a metric counts as no worse than STL unless its paired
-    difference's 95 % interval lies below 0."""
-    safe = [np.mean([paired(records, references, improvement(k, h)).sign() >= 0
-                     for k, h in metrics_.items()])
+    difference's 95 % interval lies below 0 (as it does not without a
+    shared seed)."""
+    def no_worse(key, higher_is_better):
+        interval = paired(records, references, improvement(key, higher_is_better))
+        return interval is None or interval.sign() >= 0
+
+    safe = [np.mean([no_worse(k, h) for k, h in metrics_.items()])
             for metrics_ in task_metrics(references[0]).values()]
     return 100.0 * float(np.mean(safe))

@@ -281,4 +281,3 @@ def check_same_run(folder, flag_values):
                 "in that folder, or give another --output_dir.")
     with open(path, "w") as f:
         json.dump(flag_values, f, indent=1)
-

@@ -94,12 +94,11 @@ def build(name, rate, momentum=0.9, weight_decay=0.0, weight_decay_mode="decoupl
     decoupled (Keras' AdamW) or as PyTorch's L2 gradient (`"l2"`)."""
     if name not in ("adam", "sgd"):
         raise ValueError(f"`name` must be 'adam' or 'sgd'. Received: {name!r}")
-    sgd = {"momentum": momentum} if name == "sgd" else {}
-    if weight_decay and weight_decay_mode == "l2":
-        return (SGDL2 if sgd else AdamL2)(rate, l2=weight_decay, **sgd)
     if weight_decay_mode not in ("decoupled", "l2"):
         raise ValueError("`weight_decay_mode` must be 'decoupled' or 'l2'. "
                          f"Received: {weight_decay_mode!r}")
+    sgd = {"momentum": momentum} if name == "sgd" else {}
+    if weight_decay and weight_decay_mode == "l2":
+        return (SGDL2 if sgd else AdamL2)(rate, l2=weight_decay, **sgd)
     decay = {"weight_decay": weight_decay} if weight_decay else {}
     return (keras.optimizers.SGD if sgd else keras.optimizers.Adam)(rate, **sgd, **decay)
-

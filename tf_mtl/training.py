@@ -13,6 +13,7 @@ then the usual `compile(optimizer, loss)` and `fit`.
 
 import keras
 import tensorflow as tf
+
 from tf_mtl._keras import Functional, flatten_layers
 from tf_mtl.layers.base import TaskConditioned, objective_scope
 
