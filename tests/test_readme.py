@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import numpy as np
+
 README = pathlib.Path(__file__).parents[1] / "README.md"
 
 
@@ -17,3 +19,6 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     mask = namespace["mine"].conditioned_layers[0]
     assert mask.target_capacity.numpy() < 0.5  # the schedule reached full sharing
     assert (tmp_path / "mpps_export" / "model.tflite").exists()
+    yours = namespace["yours"]  # PCGrad and uncertainty weighting in a user's model
+    assert yours.task_names == ("kind", "size")
+    assert not np.allclose(yours.weighting.trainable_weights[0].numpy(), 0.0)

@@ -150,3 +150,166 @@ def test_subclassed_model_trains_its_masks():
     model.fit(_data(), epochs=1, verbose=0)
     assert model.conditioned_layers == [model.mask]
     assert not np.allclose(model.mask.mask_probs.numpy(), before)
+
+
+# -- weightings and aggregators in a user's model ------------------------------
+
+
+def _two_outputs(regularized=False):
+    """A functional model with a shared trunk and two outputs, `a` and `b`."""
+    x = keras.Input((6,))
+    regularizer = keras.regularizers.L2(0.1) if regularized else None
+    trunk = keras.layers.Dense(5, activation="tanh", kernel_regularizer=regularizer,
+                               name="trunk")(x)
+    outputs = {"b": keras.layers.Dense(1, name="head_b")(trunk),
+               "a": keras.layers.Dense(3, name="head_a")(trunk)}
+    return tf_mtl.Model(x, outputs)
+
+
+def _two_task_data(seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.normal(size=(ROWS, 6)).astype("float32")
+    y = {"a": (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0), "b": x[:, 2:3] * 2}
+    weights = {"a": rng.uniform(0.5, 2.0, ROWS).astype("float32"),
+               "b": rng.uniform(0.5, 2.0, ROWS).astype("float32")}
+    return tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(16)
+
+
+LOSSES = {"a": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "b": "mse"}
+
+
+def _compile_two(model, **objective):
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSSES,
+                  loss_weights={"a": 1.0, "b": 3.0}, **objective)
+    return model
+
+
+def test_the_tasks_of_a_functional_model_are_its_outputs():
+    model = _compile_two(_two_outputs(), weighting="dwa")
+    assert model.task_names == ("a", "b")
+    with pytest.raises(ValueError, match="subclassed model"):
+        Subclassed().compile("sgd", loss="mse", aggregator="pcgrad")
+
+
+def _hand_step(model, batch, combine):
+    """The SGD(0.1) step `combine(task gradients of the trunk)`, every head
+    on its task's gradient, every variable on the regulariser's: computed
+    loss by loss from Keras' own losses."""
+    x, y, weights = batch
+    with tf.GradientTape(persistent=True) as tape:
+        pred = model(x, training=True)
+        losses = {
+            "a": LOSSES["a"](y["a"], pred["a"], sample_weight=weights["a"]),
+            "b": 3.0 * keras.losses.MeanSquaredError()(y["b"], pred["b"],
+                                                       sample_weight=weights["b"])}
+        rest = tf.add_n(model.losses)
+    trunk = model.get_layer("trunk").trainable_variables
+    task_grads = {t: tape.gradient(losses[t], trunk) for t in ("a", "b")}
+    jacobian = tf.stack([tf.concat([tf.reshape(g, [-1]) for g in task_grads[t]], 0)
+                         for t in ("a", "b")])
+    update = combine(jacobian)
+    expected = {}
+    sizes = [int(tf.size(v)) for v in trunk]
+    for v, u, r in zip(trunk, tf.split(update, sizes), tape.gradient(rest, trunk)):
+        expected[v.path] = v - 0.1 * (tf.reshape(u, v.shape) + (0.0 if r is None else r))
+    for t in ("a", "b"):
+        for v, g in zip(model.get_layer(f"head_{t}").trainable_variables,
+                        tape.gradient(losses[t], model.get_layer(f"head_{t}").trainable_variables)):
+            expected[v.path] = v - 0.1 * g
+    return expected, losses
+
+
+@pytest.mark.parametrize("per_task_gradients", ["loop", "vectorized"])
+def test_an_aggregator_acts_on_the_shared_trunk_as_computed_by_hand(per_task_gradients):
+    model = _compile_two(_two_outputs(regularized=True), aggregator="pcgrad",
+                         per_task_gradients=per_task_gradients)
+    batch = next(iter(_two_task_data()))
+    pcgrad = tf_mtl.aggregation.PCGrad(seed=0)
+    pcgrad.build(2)
+    expected, _ = _hand_step(
+        model, batch, lambda j: pcgrad.aggregate(j, tf.matmul(j, j, transpose_b=True)))
+    model.aggregator.draws.assign(0)
+    model.train_step(batch)
+    for v in model.trainable_variables:
+        np.testing.assert_allclose(v.numpy(), expected[v.path].numpy(), atol=1e-6,
+                                   err_msg=v.path)
+
+
+def test_summed_task_gradients_are_keras_own_step():
+    data = _two_task_data()
+    plain, summed = _two_outputs(regularized=True), _two_outputs(regularized=True)
+    summed.set_weights(plain.get_weights())
+    _compile_two(plain)
+    _compile_two(summed, aggregator=tf_mtl.aggregation.Sum())
+    plain.fit(data, epochs=2, verbose=0)
+    summed.fit(data, epochs=2, verbose=0)
+    for a, b in zip(plain.weights, summed.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, err_msg=a.path)
+
+
+class Recorded(tf_mtl.weighting.Weighting):
+    """Weights (1, 2); records the losses its update sees."""
+
+    def build(self, num_tasks):
+        super().build(num_tasks)
+        self.seen = self.add_weight(shape=(num_tasks,), initializer="zeros",
+                                    trainable=False, name="seen")
+
+    def task_weights(self):
+        return tf.constant([1.0, 2.0])
+
+    def update(self, losses, weights, gramian=None):
+        self.seen.assign(losses)
+        return tf.constant(0.0)
+
+
+def test_a_weighting_sees_each_output_loss_and_weights_the_objective():
+    model = _compile_two(_two_outputs(regularized=True), weighting=Recorded())
+    batch = next(iter(_two_task_data()))
+    expected, losses = _hand_step(model, batch, lambda j: 1.0 * j[0] + 2.0 * j[1])
+    for t in ("a", "b"):  # the heads on their weighted losses
+        for v in model.get_layer(f"head_{t}").trainable_variables:
+            expected[v.path] = v - (v - expected[v.path]) * (2.0 if t == "b" else 1.0)
+    logs = model.train_step(batch)
+    np.testing.assert_allclose(model.weighting.seen.numpy(),
+                               [losses["a"].numpy(), losses["b"].numpy()], rtol=1e-5)
+    for v in model.trainable_variables:
+        np.testing.assert_allclose(v.numpy(), expected[v.path].numpy(), atol=1e-6,
+                                   err_msg=v.path)
+    assert float(logs["b_weight"]) == 2.0
+    # Keras' per-output loss logs stay unweighted.
+    np.testing.assert_allclose(float(logs["b_loss"]), losses["b"].numpy() / 3.0, rtol=1e-5)
+
+
+def test_a_weighting_saves_and_reloads_with_the_model(tmp_path):
+    model = _compile_two(_two_outputs(), weighting="uw", aggregator="cagrad")
+    model.fit(_two_task_data(), epochs=2, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert type(loaded.weighting) is type(model.weighting)
+    assert type(loaded.aggregator) is type(model.aggregator)
+    for a, b in zip(model.weighting.weights, loaded.weighting.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    model.fit(_two_task_data(1), epochs=1, verbose=0)
+    loaded.fit(_two_task_data(1), epochs=1, verbose=0)
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, err_msg=a.path)
+
+
+def test_auto_lambda_fits_its_weights_on_heldout_data():
+    model = _compile_two(_two_outputs(), weighting=tf_mtl.weighting.AutoLambda(
+        learning_rate=0.05))
+    with pytest.raises(ValueError, match="heldout_data"):
+        model.fit(_two_task_data(), epochs=1, verbose=0)
+    model.fit(_two_task_data(), heldout_data=_two_task_data(1), epochs=2, verbose=0)
+    assert not np.allclose(model.weighting.lambdas.numpy(), 0.1)
+
+
+@pytest.mark.parametrize("objective, loss, message", [
+    ({"aggregator": "pcgrad", "aggregate_on": "representation"}, LOSSES, "aggregate on"),
+    ({"weighting": "dwa"}, keras.losses.MeanSquaredError(reduction="mean_with_sample_weight"),
+     "linear in them"),
+])
+def test_objectives_a_model_cannot_take_are_refused_at_compile(objective, loss, message):
+    with pytest.raises(ValueError, match=message):
+        _two_outputs().compile("sgd", loss=loss, **objective)

@@ -8,7 +8,7 @@ entry names the public API that falls short:
 |---|---|---|
 | `Layer._flatten_layers` (`flatten_layers`) | conditioned layers, blocks, export, MR, PPNet | the only walk over nested layers: `Model.layers` is the top level alone |
 | `Layer._trainable_variables` (`created_trainable`) | PPNet's phases | the variables a layer created trainable, whatever `trainable` says now |
-| `Layer._tracker` (`unlocked_tracking`) | `MultiTaskModel.compile` | a built model refuses new state; the objective's is made at compile |
+| `Layer._tracker` (`unlocked_tracking`) | `ConditionedTraining.compile` | a built model refuses new state; the objective's is made at compile |
 | `keras.src.models.functional.Functional` (`Functional`) | `tf_mtl.Model(inputs, outputs)` | `keras.Model.__new__` returns a plain `Functional`, which our training cannot be mixed into |
 | `Trainer._maybe_symbolic_build` (overridden) | `ConditionedTraining` | keras-team/keras#19246: the first distributed batch is averaged over replicas of unequal rows |
 | `Trainer._loss_tracker` (read, and set) | `ConditionedTraining`, `MultiTaskModel` | `fit`'s `loss` log is this tracker; a custom `train_step` updates it |

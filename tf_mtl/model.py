@@ -6,14 +6,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_mtl import aggregation, objective, task_gradients, weighting as weightings
+from tf_mtl import objective, task_gradients
 from tf_mtl import tasks as tasks_module
-from tf_mtl._keras import flatten_layers, unlocked_tracking
+from tf_mtl._keras import flatten_layers
 from tf_mtl.backbones import run_layers, run_tiled
 from tf_mtl.layers.base import objective_scope, tile_tasks
 from tf_mtl.layers.passing import fold_passing, folded_passing
 from tf_mtl.routing import (
-    ROUTINGS, accumulate, check_routed_part, first_routed_layer, one_pass_gradients,
+    ROUTINGS, check_routed_part, first_routed_layer, one_pass_gradients,
     sequential_gradients)
 from tf_mtl.training import ConditionedTraining, worker_logs
 
@@ -142,10 +142,7 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             + [m.build(f"{task.name}_{m.name}") for m in task.metrics]
             for task in tasks
         }
-        self.weighting = self.aggregator = None
         self._weight_trackers = []
-        self.aggregate_on, self.per_task_gradients = "parameters", "loop"
-        self._heldout_data = None
         self(np.zeros((1,) + self.example_shape, "float32"))
 
     def get_config(self):
@@ -250,10 +247,9 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
 
     # -- training ----------------------------------------------------------
     #
-    # A step reads as: per-task losses (`forward_objective`) -> weighting
-    # (`tf_mtl.weighting`) -> gradients, per task where needed
-    # (`tf_mtl.routing`, `tf_mtl.task_gradients`) -> aggregation
-    # (`tf_mtl.aggregation`) -> optimizers (`apply_conditioned_gradients`).
+    # The step is `ConditionedTraining.train_step`; this model's part is the
+    # per-task losses of a routed batch (`forward_objective`) and their
+    # gradients (`step_gradients`, `tf_mtl.routing`).
 
     def _base_weights(self):
         weights = tf.constant([t.loss_weight for t in self.tasks], tf.float32)
@@ -293,13 +289,16 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         task_losses, rest = self.split_objective(losses, rows, row_tasks, scope, weights)
         return task_losses, rest, scope.named
 
-    def _track_loss(self, loss, x, named=None):
+    def track_objective(self, loss, step):
+        self._track_loss(loss, step.rows, step.named)
+
+    def _track_loss(self, loss, rows, named=None):
         # `loss` is this replica's share of the objective: scaled by the
         # number of replicas and weighted alike on each, their mean is the
         # objective, whatever share of the batch each replica holds. So are
         # the layers' `named` terms.
         replicas = objective.num_replicas()
-        global_batch = objective.all_replicas_sum(tf.cast(tf.shape(x)[0], tf.float32))
+        global_batch = objective.all_replicas_sum(tf.cast(rows, tf.float32))
         for tracker, value in [(self._loss_tracker, loss)] + [
                 (self._term_trackers[n], v) for n, v in (named or {}).items()]:
             tracker.update_state(value * replicas, sample_weight=global_batch / replicas)
@@ -312,19 +311,16 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         task_losses, rest, named = self.forward_objective(x, task_ids, labels, weights,
                                                           training=training)
         loss = tf.reduce_sum(weights * task_losses) + rest
-        self._track_loss(loss, x, named)
+        self._track_loss(loss, tf.shape(x)[0], named)
         if training:
-            self._check_finite(loss)
+            self.check_finite(loss)
         return loss
 
-    def _check_finite(self, loss):
+    def check_finite(self, loss):
         # In program order before the update, so no weight becomes NaN.
         tf.debugging.Assert(tf.math.is_finite(loss), [
             "The training objective is NaN or Inf at step", self.optimizer.iterations,
             "(non-finite inputs, or a diverging run: lower the learning rate)."])
-
-    def _logs(self):
-        return worker_logs({m.name: m.result() for m in self.metrics})
 
     def _split_at_the_input(self):
         """Whether the tasks' paths split at the input: per-task copies from
@@ -340,187 +336,67 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         those a conditioned layer trains with an optimizer of its own."""
         owners = self.variable_optimizers()
         backbone = {id(v) for layer in self.backbone for v in layer.trainable_variables}
-        return [i for i, v in enumerate(self.trainable_variables)
+        return [i for i, v in enumerate(self.step_variables())
                 if id(v) in backbone and owners[id(v)] is self.optimizer]
 
-    def train_step(self, data):
-        weighting = self.weighting
-        if self.takes_heldout_data():  # Auto-Lambda: its weights' step first
-            data, heldout = data
-            weighting.fit_heldout(self, data, heldout)
+    def step_gradients(self, data, weights, per_task):
+        """The step's gradients (`tf_mtl.training.ConditionedTraining`), the
+        batch crossing the routed part as `routing` says."""
         x, task_ids, labels = self._unpack(data)
-        with tf.GradientTape() as weighting_tape:
-            weights = tf.ones([self.num_tasks]) if weighting is None \
-                else weighting.task_weights()
-        fixed = tf.stop_gradient(weights)
-        per_task = _needs_task_gradients(weighting, self.aggregator)
+        weights = tf.ones([self.num_tasks]) if weights is None else weights
         first = first_routed_layer(self.backbone, True)
         if self.routing == "sequential" and task_ids is None and first is not None:
-            step = sequential_gradients(self, x, labels, first, fixed, per_task)
-        else:
-            step = one_pass_gradients(self, x, task_ids, labels, fixed, per_task)
-        gradients, gramian, loss = step.gradients, None, step.objective
-        if step.jacobian is not None:
-            update, gramian = task_gradients.aggregate(
-                self.aggregator, step.jacobian, self.aggregate_on)
-            gradients = accumulate(gradients, step.apply(update))
-        if weighting is not None:
-            gradients, extra = self._weighting_gradients(
-                weighting_tape, weights, step.losses, gramian, gradients)
-            loss += extra
-        self._track_loss(loss, x, step.named)
-        self._check_finite(loss)
-        self.apply_conditioned_gradients(gradients)
-        return self._logs()
-
-    def _weighting_gradients(self, tape, weights, task_losses, gramian, gradients):
-        """Updates the weighting with the step's global losses, adds the
-        gradients of its own variables; returns them and its extra term
-        (this replica's share)."""
-        losses = tf.stop_gradient(objective.all_replicas_sum(task_losses))
-        scale = self.optimizer.scale_loss(tf.constant(1.0))
-        if gramian is not None:  # of the scaled losses' gradients
-            gramian = gramian / scale ** 2
-        replicas = objective.num_replicas()
-        with tape:
-            extra = self.weighting.update(losses, weights, gramian) / replicas
-            own = (tf.reduce_sum(weights * losses) / replicas + extra) * scale
-        for tracker, weight in zip(self._weight_trackers, tf.unstack(weights)):
-            tracker.update_state(weight)
-        own_variables = self.weighting.trainable_variables
-        if own_variables:
-            found = dict(zip(map(id, own_variables), tape.gradient(own, own_variables)))
-            gradients = [found.get(id(v), g) for v, g in zip(self.trainable_variables, gradients)]
-        return gradients, extra
+            return sequential_gradients(self, x, labels, first, weights, per_task)
+        return one_pass_gradients(self, x, task_ids, labels, weights, per_task)
 
     def test_step(self, data):
         self.batch_objective(data, training=False)
-        return self._logs()
+        return worker_logs(self.get_metrics_result())
 
     # -- checks before any step runs ---------------------------------------
 
     def compile(self, optimizer="adam", loss=None, metrics=None, jit_compile=False,
-                weighting=None, aggregator=None, aggregate_on="parameters",
-                per_task_gradients="loop", **kwargs):
-        """Keras' `compile`; losses and metrics come from the `Task`s.
-
-        Args:
-            weighting: a `tf_mtl.weighting.Weighting` (or its name, e.g.
-                `"dwa"`): how the task losses are weighted. None: their sum
-                (each times its `Task.loss_weight`), weights not logged.
-            aggregator: a `tf_mtl.aggregation.Aggregator` (or its name,
-                e.g. `"pcgrad"`): how the task gradients combine into one
-                update. None: their sum, from one backward pass.
-            aggregate_on: where the aggregator (and GradNorm) acts:
-                `"parameters"`, every shared parameter (the backbone's), or
-                `"representation"`, the rows where the tasks' paths split
-                (`tf_mtl.task_gradients`; cheaper: one backward pass and one
-                more of the stem).
-            per_task_gradients: how task gradients of the parameters are
-                computed: `"loop"`, one backward pass per task, or
-                `"vectorized"`, one `pfor`-vectorised Jacobian.
-            jit_compile: defaults to False: the routed step has
-                data-dependent shapes (task partitions) that XLA would
-                recompile for.
-
-        Whatever the sharing method, the weighting applies to the task
-        losses only: a method's own terms (MPPS's KL, a regulariser) join
-        the objective unweighted, MPPS's score function sees the weighted
-        losses, and variables trained by an optimizer of their own (MPPS's
-        Phi) get their plain gradient, never an aggregated one.
-        """
+                **kwargs):
+        """Keras' `compile` (`ConditionedTraining.compile`: `weighting`,
+        `aggregator`, `aggregate_on`, `per_task_gradients`); losses and
+        metrics come from the `Task`s. `jit_compile` defaults to False: the
+        routed step has data-dependent shapes (task partitions) that XLA
+        would recompile for."""
         if loss is not None or metrics is not None:
             raise ValueError(
                 "MultiTaskModel takes its losses and metrics from its Tasks; "
                 "do not pass `loss` or `metrics` to compile."
             )
-        if aggregate_on not in task_gradients.AGGREGATE_ON:
-            raise ValueError(f"`aggregate_on` must be one of {task_gradients.AGGREGATE_ON}. "
-                             f"Received: aggregate_on={aggregate_on!r}")
-        if per_task_gradients not in task_gradients.PER_TASK_GRADIENTS:
-            raise ValueError(
-                f"`per_task_gradients` must be one of {task_gradients.PER_TASK_GRADIENTS}. "
-                f"Received: per_task_gradients={per_task_gradients!r}")
-        weighting = None if weighting is None else weightings.get(weighting)
-        aggregator = None if aggregator is None else aggregation.get(aggregator)
-        if _needs_task_gradients(weighting, aggregator) and aggregate_on == "representation" and self._split_at_the_input():
+        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+
+    def check_objective(self, weighting, aggregator, aggregate_on, compile_kwargs):
+        if task_gradients.needs_task_gradients(weighting, aggregator) \
+                and aggregate_on == "representation" and self._split_at_the_input():
             raise ValueError(
                 "This model's tasks share no representation: each has its own "
                 "column from the input on (per-task copies: PPNet, Cross-stitch). "
                 "Aggregate on the parameters: aggregate_on='parameters'.")
-        with self.distribute_strategy.scope():
-            for part in (weighting, aggregator):
-                if part is not None and not part.built:
-                    part.build(self.num_tasks)
-            trackers = [] if weighting is None else [
-                keras.metrics.Mean(name=f"{name}_weight") for name in self.task_names]
-        # The model is built; its state grows by the objective's, which it
-        # then saves and checkpoints with its own.
-        with unlocked_tracking(self):
-            self.weighting, self.aggregator, self._weight_trackers = (
-                weighting, aggregator, trackers)
-        self.aggregate_on, self.per_task_gradients = aggregate_on, per_task_gradients
-        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
-        if getattr(weighting, "fits_on_heldout_data", False) and isinstance(
-                self.optimizer, keras.optimizers.LossScaleOptimizer):
-            raise ValueError(
-                f"{type(weighting).__name__} does not scale its held-out loss: train it "
-                "in float32 or mixed_bfloat16, not under float16 loss scaling.")
 
-    def get_compile_config(self):
-        config = super().get_compile_config()
-        if config:
-            serialize = keras.saving.serialize_keras_object
-            config.update(weighting=serialize(self.weighting),
-                          aggregator=serialize(self.aggregator),
-                          aggregate_on=self.aggregate_on,
-                          per_task_gradients=self.per_task_gradients)
-        return config
-
-    def fit(self, x=None, y=None, validation_data=None, callbacks=None, heldout_data=None,
-            **kwargs):
-        """Keras' `fit`. A model with a bi-level part (`takes_heldout_data`)
-        also takes `heldout_data`, the data that part is fitted on, cycled
-        through alongside `x`."""
+    def fit(self, x=None, y=None, validation_data=None, heldout_data=None, **kwargs):
+        """Keras' `fit` (`ConditionedTraining.fit`: `heldout_data`), labels
+        from the dataset `x`; every dataset checked first (`check_dataset`)."""
         if y is not None:
             raise ValueError(
                 "MultiTaskModel reads labels from the dataset `x`; `y` must be None."
             )
-        if self.takes_heldout_data() != (heldout_data is not None):
-            raise ValueError(
-                "This model fits its bi-level part (a bi-level SafeSharing's gates, "
-                "Auto-Lambda's weights) on `heldout_data`: pass fit(x, heldout_data=...)."
-                if heldout_data is None else
-                "`heldout_data` is for a model with a bi-level part (a bi-level "
-                "SafeSharing, the AutoLambda weighting); this one has none.")
         counts = self.check_dataset(x, "x")
         for data, argument in ((validation_data, "validation_data"),
                                (heldout_data, "heldout_data")):
             if data is not None:
                 self.check_dataset(data, argument)
-        self._heldout_data = heldout_data
         if not self.jointly_labelled and not float(tf.reduce_sum(self.task_frequencies)):
             if counts is None:
                 raise ValueError(
                     "`x` is endless, so its N_t / N weights cannot be counted: "
                     "pass `task_frequencies` to this non-jointly labelled model.")
             self.set_task_frequencies(counts)
-        if self.weighting is not None:  # first: a checkpoint at an epoch's end sees it
-            callbacks = [weightings.EpochCallback(self.weighting)] + list(callbacks or [])
-        return super().fit(self.training_batches(x), validation_data=validation_data,
-                           callbacks=callbacks, **kwargs)
-
-    def training_batches(self, x):
-        """What `train_step` receives from `fit(x)`: `x`'s batches, paired
-        with held-out ones when the model `takes_heldout_data`."""
-        if not self.takes_heldout_data():
-            return x
-        return tf.data.Dataset.zip((x, self._heldout_data.repeat()))
-
-    def takes_heldout_data(self):
-        """Whether part of the model is fitted on `fit`'s `heldout_data`
-        (`tf_mtl.bilevel`): here, an Auto-Lambda weighting."""
-        return bool(getattr(self.weighting, "fits_on_heldout_data", False))
+        return super().fit(x, validation_data=validation_data, heldout_data=heldout_data,
+                           **kwargs)
 
     def evaluate(self, x=None, **kwargs):
         self.check_dataset(x, "x")
@@ -544,9 +420,3 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         if not isinstance(dataset, tf.data.Dataset) or dataset not in self._checked:
             self._checked[dataset] = validation.check_dataset(self, dataset, argument)
         return self._checked[dataset]
-
-
-def _needs_task_gradients(weighting, aggregator):
-    """Whether a step computes each task's gradient (not only their sum): for
-    an aggregator, or a weighting that reads their Gram matrix."""
-    return aggregator is not None or getattr(weighting, "needs_gramian", False)

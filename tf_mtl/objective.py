@@ -103,7 +103,7 @@ class ObjectivePart(keras.layers.Layer):
     def call(self, *args, **kwargs):
         raise TypeError(
             f"{type(self).__name__} is not called on tensors: compile a "
-            "MultiTaskModel with it, whose training step uses it.")
+            "MultiTaskModel or a tf_mtl.Model with it, whose training step uses it.")
 
     def get_config(self):
         config = {"name": self.name}

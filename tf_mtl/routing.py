@@ -16,7 +16,8 @@ from tf_mtl.backbones import Block, run_layers
 from tf_mtl.layers.base import TaskConditioned, objective_scope, tile_tasks, tiled_rows
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 from tf_mtl.task_gradients import (
-    RepresentationTap, StepGradients, flatten, parameter_jacobian, scatter, unflatten)
+    RepresentationTap, StepGradients, accumulate, flatten, parameter_gradients, scatter,
+    unflatten)
 
 ROUTINGS = ("tiled", "sequential")
 
@@ -60,7 +61,7 @@ def one_pass_gradients(model, x, task_ids, labels, weights, per_task):
     `model.aggregate_on` names: on the representation from the same
     backward pass, on the parameters by `model.per_task_gradients`.
     """
-    variables = model.trainable_variables
+    variables = model.step_variables()
     scale = model.optimizer.scale_loss
     with tf.GradientTape(persistent=per_task) as tape:
         tap = RepresentationTap(model.num_tasks, tape) \
@@ -72,7 +73,8 @@ def one_pass_gradients(model, x, task_ids, labels, weights, per_task):
         # only what it recorded.
         scaled, scaled_tasks, scaled_rest = scale(objective), scale(weighted), scale(rest)
         scaled_tasks = (scaled_tasks, tf.unstack(scaled_tasks) if per_task else None)
-    step = functools.partial(StepGradients, objective, task_losses, named=named)
+    step = functools.partial(StepGradients, objective, task_losses, named=named,
+                             rows=tf.shape(x)[0])
     if not per_task:
         return step(tape.gradient(scaled, variables))
     if tap is not None:
@@ -86,14 +88,8 @@ def one_pass_gradients(model, x, task_ids, labels, weights, per_task):
                                  output_gradients=unflatten(update, tap.sources))
 
         return step(gradients[entered:], tap.jacobian(gradients[:entered]), backward)
-    shared = model.shared_variable_indices()
-    others = [i for i in range(len(variables)) if i not in shared]
-    gradients = dict(zip(others, tape.gradient(scaled, [variables[i] for i in others])))
-    gradients.update(zip(shared, tape.gradient(scaled_rest, [variables[i] for i in shared])))
-    jacobian = parameter_jacobian(tape, scaled_tasks, [variables[i] for i in shared],
-                                  model.per_task_gradients)
-    return step([gradients[i] for i in range(len(variables))], jacobian,
-                lambda update: scatter(update, variables, shared))
+    return step(*parameter_gradients(tape, variables, model.shared_variable_indices(), scaled,
+                                     scaled_rest, scaled_tasks, model.per_task_gradients))
 
 
 def sequential_gradients(model, x, labels, first, weights, per_task):
@@ -107,7 +103,7 @@ def sequential_gradients(model, x, labels, first, weights, per_task):
     representation: the stem's output; on the parameters: one backward pass
     of the stem per task).
     """
-    backbone, variables = model.backbone, model.trainable_variables
+    backbone, variables = model.backbone, model.step_variables()
     block = backbone[first]
     site = block.entry_site(True) if isinstance(block, Block) else -1
     on_parameters = per_task and model.aggregate_on == "parameters"
@@ -167,7 +163,7 @@ def sequential_gradients(model, x, labels, first, weights, per_task):
         task_losses += pass_losses
         for name, value in scope.named.items():
             named[name] = named.get(name, 0.0) + value
-    step = functools.partial(StepGradients, objective, task_losses, named=named)
+    step = functools.partial(StepGradients, objective, task_losses, named=named, rows=batch)
     if not per_task:
         return step(accumulate(accumulated, stem_tape.gradient(
             list(stem), variables, output_gradients=stem_grads)))
@@ -176,9 +172,3 @@ def sequential_gradients(model, x, labels, first, weights, per_task):
                     lambda update: scatter(update, variables, shared))
     return step(accumulated, tf.stack(rows_of_tasks), lambda update: stem_tape.gradient(
         list(stem), variables, output_gradients=unflatten(update, stem)))
-
-
-def accumulate(sums, gradients):
-    """`sums + gradients`, element by element; None (not connected) adds 0."""
-    return [g if s is None else s if g is None else s + tf.convert_to_tensor(g)
-            for s, g in zip(sums, gradients, strict=True)]

@@ -40,6 +40,7 @@ class StepGradients:
             the aggregated part (flattened), or None.
         apply: `update (D,) -> gradients` of the variables, to add.
         named: the conditioned layers' named terms, for logs.
+        rows: this replica's number of examples, for logs.
     """
 
     objective: tf.Tensor
@@ -48,6 +49,7 @@ class StepGradients:
     jacobian: Optional[tf.Tensor] = None
     apply: Optional[Callable] = None
     named: dict = dataclasses.field(default_factory=dict)
+    rows: Optional[tf.Tensor] = None
 
 
 def flatten(tensors, like=None):
@@ -77,6 +79,33 @@ def parameter_jacobian(tape, task_losses, variables, method):
                           for r, v in zip(rows, variables)], 1)
     return tf.stack([flatten(tape.gradient(loss, variables), variables)
                      for loss in elements])
+
+
+def needs_task_gradients(weighting, aggregator):
+    """Whether a step computes each task's gradient (not only their sum): for
+    an aggregator, or a weighting that reads their Gram matrix."""
+    return aggregator is not None or getattr(weighting, "needs_gramian", False)
+
+
+def parameter_gradients(tape, variables, shared, scaled, scaled_rest, scaled_tasks, method):
+    """`(gradients, jacobian, apply)` of a step aggregated on the parameters
+    `variables[i] for i in shared`: the others get the gradient of the whole
+    (scaled) objective `scaled`, the shared ones that of `scaled_rest`, the
+    part no aggregator touches, and `jacobian` holds the task gradients
+    (`scaled_tasks`, see `parameter_jacobian`) of the shared ones, which
+    `apply(update)` scatters back as gradients of `variables`."""
+    others = [i for i in range(len(variables)) if i not in shared]
+    gradients = dict(zip(others, tape.gradient(scaled, [variables[i] for i in others])))
+    gradients.update(zip(shared, tape.gradient(scaled_rest, [variables[i] for i in shared])))
+    jacobian = parameter_jacobian(tape, scaled_tasks, [variables[i] for i in shared], method)
+    return ([gradients[i] for i in range(len(variables))], jacobian,
+            lambda update: scatter(update, variables, shared))
+
+
+def accumulate(sums, gradients):
+    """`sums + gradients`, element by element; None (not connected) adds 0."""
+    return [g if s is None else s if g is None else s + tf.convert_to_tensor(g)
+            for s, g in zip(sums, gradients, strict=True)]
 
 
 def scatter(update, variables, shared):

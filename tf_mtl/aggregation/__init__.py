@@ -1,6 +1,7 @@
 """Gradient aggregators: per-task gradients -> one update (DESIGN.md,
-composable objectives). Give one to `MultiTaskModel.compile(aggregator=...)`,
-by object or by name, and choose where it acts with `aggregate_on`:
+composable objectives). Give one to the `compile(aggregator=...)` of a
+`MultiTaskModel` or a `tf_mtl.Model`, by object or by name, and choose where
+it acts with `aggregate_on`:
 
 | name | class | paper | on parameters | on the representation |
 |---|---|---|---|---|

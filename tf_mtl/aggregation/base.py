@@ -16,7 +16,7 @@ class Aggregator(ObjectivePart):
     `(T, T)` Gram matrix `J J^T` of the global gradients (which under
     `tf.distribute` may hold more than this replica's rows of `J`).
 
-    Which part is aggregated is the model's choice (`MultiTaskModel.compile(
+    Which part is aggregated is the model's choice (`compile(
     aggregate_on=...)`): every shared parameter, or the shared
     representation, where the tasks' paths split (each row of `J` then holds
     one task's gradient of the representation of this replica's examples).

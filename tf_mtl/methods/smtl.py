@@ -219,18 +219,18 @@ class SafeSharing(MultiTaskModel):
             with self.distribute_strategy.scope():
                 self.gate_optimizer.build([g.logits for g in self.gates])
 
-    def train_step(self, data):
+    def step_variables(self):
         if not self.bilevel:
-            return super().train_step(data)
-        train, heldout = data
+            return super().step_variables()
         gates = [g.logits for g in self.gates]
-        network = [v for v in self.trainable_variables if all(v is not g for g in gates)]
+        return [v for v in self.trainable_variables if all(v is not g for g in gates)]
+
+    def fit_heldout(self, train, heldout):
+        if not self.bilevel:
+            return super().fit_heldout(train, heldout)
+        gates = [g.logits for g in self.gates]
         self.gate_optimizer.apply_gradients(
-            zip(self._hypergradients(train, heldout, network, gates), gates))
-        with tf.GradientTape() as tape:
-            loss = self.optimizer.scale_loss(self.batch_objective(train, training=True))
-        self.apply_conditioned_gradients(tape.gradient(loss, network), network)
-        return self._logs()
+            zip(self._hypergradients(train, heldout, self.step_variables(), gates), gates))
 
     def _hypergradients(self, train, heldout, network, gates):
         """`d L_val(w - xi grad_w L_train(w, a), a) / d a` (steps 1-2)."""

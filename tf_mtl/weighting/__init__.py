@@ -1,6 +1,6 @@
 """Loss weightings: per-task losses -> task weights (DESIGN.md, composable
-objectives). Give one to `MultiTaskModel.compile(weighting=...)`, by object
-or by name:
+objectives). Give one to the `compile(weighting=...)` of a `MultiTaskModel`
+or a `tf_mtl.Model`, by object or by name:
 
 | name | class | paper |
 |---|---|---|

@@ -29,7 +29,7 @@ class GradNorm(Weighting):
     every weighting. `L_grad` itself is the metric `gradnorm_loss`
     (`metrics`).
 
-    `W` is the part the model aggregates (`MultiTaskModel.compile(
+    `W` is the part the model aggregates (`compile(
     aggregate_on=...)`): all shared parameters (`"parameters"`), or the
     shared representation (`"representation"`, cheaper); the paper picks the
     last shared layer, between the two.
