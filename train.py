@@ -40,7 +40,8 @@ from absl import app, flags
 
 from tf_mtl import aggregation, methods, metrics, optimizers, weighting
 from tf_mtl.checkpoint import (
-    Checkpoint, Selection, check_same_run, exclusive_folder, is_chief)
+    Checkpoint, CheckpointError, Selection, check_same_run, exclusive_folder, fit_resumed,
+    is_chief)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", "mpps", list(methods.METHODS),
@@ -244,34 +245,17 @@ def _fit(model, strategy, train, validation, test, callbacks, name=None, carve=N
         raise app.UsageError(f"--selection: {error}") from None
     checkpoint = Checkpoint(where("checkpoint"), where("logs"), tracked,
                             writes=is_chief(strategy), selection=selection)
-    # With --noresume the chief has emptied the folder; another worker must
-    # not read it meanwhile.
+    verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
     try:
-        done = checkpoint.restore(model) if FLAGS.resume or checkpoint.writes else 0
-    except ValueError as error:
+        history, best, last = fit_resumed(
+            model, checkpoint, train, FLAGS.epochs, test, callbacks, resume=FLAGS.resume,
+            validation_data=validation, verbose=verbose, **heldout)
+    except CheckpointError as error:
         raise app.UsageError(f"--output_dir={FLAGS.output_dir}: {error}") from None
-    if done > FLAGS.epochs:
-        raise app.UsageError(
-            f"{checkpoint.folder} holds {done} epochs, more than --epochs={FLAGS.epochs}: "
-            "give --epochs of that run, or --noresume to start over.")
-    if done == FLAGS.epochs:
-        print(f"{checkpoint.folder}: all {done} epochs trained already; evaluating it")
-    else:
-        if done:
-            print(f"Resuming at epoch {done + 1} from {checkpoint.folder}")
-        verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
-        model.fit(train, validation_data=validation, epochs=FLAGS.epochs,
-                  initial_epoch=done, verbose=verbose, callbacks=callbacks + [checkpoint],
-                  **heldout)
-    last = {**model.evaluate(test, return_dict=True, verbose=0), "epoch": FLAGS.epochs}
-    selected = checkpoint.selected_epoch()
-    if selected == FLAGS.epochs:
-        return checkpoint.history(), {**last}, last
-    model.load_weights(checkpoint.weights_path(selected))
-    print(f"{name or FLAGS.method}: epoch {selected} of {FLAGS.epochs} selected by "
-          f"--selection={FLAGS.selection}")
-    best = {**model.evaluate(test, return_dict=True, verbose=0), "epoch": selected}
-    return checkpoint.history(), best, last
+    if best["epoch"] != last["epoch"]:
+        print(f"{name or FLAGS.method}: epoch {best['epoch']} of {FLAGS.epochs} selected by "
+              f"--selection={FLAGS.selection}")
+    return history, best, last
 
 
 def _train_single_tasks(data, tasks, input_shape, strategy, backbone, export_dir):

@@ -1,12 +1,15 @@
-"""tf_mtl.checkpoint: the selected epoch, unreadable epochs, one run per folder."""
+"""tf_mtl.checkpoint: the selected epoch, unreadable epochs, one run per folder,
+a resumed `fit`."""
 
 import os
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from tf_mtl.checkpoint import Checkpoint, Selection, exclusive_folder
+from tf_mtl.checkpoint import (
+    Checkpoint, CheckpointError, Selection, exclusive_folder, fit_resumed)
 from tf_mtl.tasks import classification, depth
 
 TASKS = [classification("a", 3), classification("b", 3), depth("d", (4, 4))]
@@ -91,3 +94,35 @@ def test_one_run_holds_a_folder(tmp_path):
                 pass
     with exclusive_folder(str(tmp_path)):  # released
         pass
+
+
+def _regression(seed):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.set_weights([np.full((2, 1), float(seed), "float32"), np.zeros(1, "float32")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.build_optimizer = lambda: model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def test_fit_resumed_continues_a_run_and_reports_its_selected_epoch(tmp_path):
+    x = np.random.RandomState(0).normal(size=(32, 2)).astype("float32")
+    batches = lambda y: tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    train = batches(x.sum(1, keepdims=True))
+    # A validation set the model fits worse the longer it trains: epoch 1 wins.
+    validation = batches(-x.sum(1, keepdims=True))
+
+    def run(model, epochs, folder="run"):
+        checkpoint = Checkpoint(str(tmp_path / folder), selection=Selection("val_loss", TASKS))
+        return fit_resumed(model, checkpoint, train, epochs, validation,
+                           validation_data=validation, verbose=0)
+
+    whole = _regression(0)
+    history, best, last = run(whole, 3, "whole")
+    run(_regression(0), 2)
+    resumed = _regression(0)
+    history_r, best_r, last_r = run(resumed, 3)  # trains epoch 3 only
+    assert len(history_r["loss"]) == 3 and history_r == history
+    assert best["epoch"] == 1 and last["epoch"] == 3 and best_r == best and last_r == last
+    np.testing.assert_array_equal(resumed.get_weights()[0], whole.get_weights()[0])
+    with pytest.raises(CheckpointError, match="holds 3 epochs, more than the 2"):
+        run(_regression(0), 2)

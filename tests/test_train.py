@@ -302,7 +302,7 @@ def test_rerun_continues_and_noresume_starts_over(tmp_path):
     history = read_json(tmp_path / "history.json")["history"]
     assert len(history["loss"]) == 2  # epoch 1 kept, epoch 2 trained
     first_loss = history["loss"][0]
-    with pytest.raises(app.UsageError, match="holds 2 epochs, more than --epochs=1"):
+    with pytest.raises(app.UsageError, match="holds 2 epochs, more than the 1 to train"):
         run_train(tmp_path, "--method=hps", "--dataset=synthetic")
     run_train(tmp_path, "--method=hps", "--dataset=synthetic", "--noresume")
     history = read_json(tmp_path / "history.json")["history"]

@@ -82,6 +82,10 @@ class Selection:
         return scores.index(max(scores)) + 1
 
 
+class CheckpointError(ValueError):
+    """A checkpoint a run cannot continue from."""
+
+
 class Checkpoint(keras.callbacks.Callback):
     """The training state at every epoch's end, for a rerun to continue from.
 
@@ -160,7 +164,7 @@ class Checkpoint(keras.callbacks.Callback):
             break
         else:
             if unreadable:
-                raise ValueError(
+                raise CheckpointError(
                     "No epoch of the checkpoint can be read into this model:\n  "
                     + "\n  ".join(unreadable) + "\nStart over (train.py: --noresume) or "
                     "give another output folder.")
@@ -219,6 +223,44 @@ class Checkpoint(keras.callbacks.Callback):
         for writer in (self._writers or {}).values():
             writer.close()
         self._writers = None
+
+
+def fit_resumed(model, checkpoint, x, epochs, test, callbacks=(), resume=True, **fit_kwargs):
+    """Trains `model` to `epochs` from where `checkpoint` left it, and
+    evaluates it on `test` at the last epoch and at the one its selection
+    picks (the papers' protocol: the model reported is the validated one).
+
+    Continues from the checkpoint's last whole epoch (with `resume=False`,
+    only a process that writes it does: a multi-worker run's other workers
+    start afresh rather than read a folder their chief may be emptying),
+    runs `model.fit(x, epochs=epochs, callbacks=callbacks + [checkpoint],
+    **fit_kwargs)` for the epochs left, then leaves the model at the
+    selected epoch's weights.
+
+    Returns `(history, selected, last)`: every epoch's logs, and the test
+    results at the selected and the last epoch, each with its `epoch`
+    (1-based). Raises a `CheckpointError` when the checkpoint holds more
+    epochs than `epochs`, or none that fits the model.
+    """
+    done = checkpoint.restore(model) if resume or checkpoint.writes else 0
+    if done > epochs:
+        raise CheckpointError(f"{checkpoint.folder} holds {done} epochs, more than the {epochs} "
+                         f"to train: train to {done} or more, or start over (train.py: "
+                         "--noresume).")
+    if done == epochs:
+        print(f"{checkpoint.folder}: all {done} epochs trained already; evaluating it")
+    else:
+        if done:
+            print(f"Resuming at epoch {done + 1} from {checkpoint.folder}")
+        model.fit(x, epochs=epochs, initial_epoch=done,
+                  callbacks=list(callbacks) + [checkpoint], **fit_kwargs)
+    last = {**model.evaluate(test, return_dict=True, verbose=0), "epoch": epochs}
+    selected = checkpoint.selected_epoch()
+    if selected == epochs:
+        return checkpoint.history(), dict(last), last
+    model.load_weights(checkpoint.weights_path(selected))
+    best = {**model.evaluate(test, return_dict=True, verbose=0), "epoch": selected}
+    return checkpoint.history(), best, last
 
 
 @contextlib.contextmanager
