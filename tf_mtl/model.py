@@ -10,8 +10,7 @@ from tf_mtl import objective, task_gradients
 from tf_mtl import tasks as tasks_module
 from tf_mtl._keras import flatten_layers
 from tf_mtl.backbones import run_layers, run_tiled
-from tf_mtl.layers.base import objective_scope, tile_tasks
-from tf_mtl.layers.passing import fold_passing, folded_passing
+from tf_mtl.layers.base import deployed, objective_scope, tile_tasks
 from tf_mtl.routing import (
     ROUTINGS, check_routed_part, first_routed_layer, one_pass_gradients,
     sequential_gradients)
@@ -235,15 +234,10 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
     def deployable_call(self):
         """The function `x -> {task_name: output}` a deployment runs (what
         `tf_mtl.export` traces): the model at inference. A method whose
-        inference can drop parts of the model overrides it. Passed layers
-        serve their passed weights, with no passing matrix in the graph."""
-        folded = fold_passing(self)
-
-        def call(x):
-            with folded_passing(folded):
-                return self(x, training=False)
-
-        return call
+        inference can drop parts of the model overrides it. Its conditioned
+        layers compute as deployed (`TaskConditioned.deployment`: passed
+        layers serve their passed weights, no passing matrix in the graph)."""
+        return deployed(self, lambda x: self(x, training=False))
 
     # -- training ----------------------------------------------------------
     #

@@ -7,6 +7,8 @@ import threading
 import keras
 import tensorflow as tf
 
+from tf_mtl._keras import flatten_layers
+
 
 def tile_tasks(features, tasks):
     """Repeats a batch once per task: rows `[k*B, (k+1)*B)` belong to the
@@ -127,6 +129,11 @@ class TaskConditioned(keras.layers.Layer):
       outside such a step it raises instead of training without them.
     - `dedicated_optimizer()`: variables the layer trains with an optimizer
       of its own, e.g. MPPS mask probabilities by plain SGD.
+
+    And what a deployment reads (`deployed`): `deployment()`, a context
+    manager, made once when the deployment is, that is entered at every
+    trace of the deployed function; inside it the layer computes as
+    deployed (a passed layer serves its passed weights as constants).
     """
 
     # What a model logs the layer's objective terms as (None: not logged).
@@ -179,8 +186,28 @@ class TaskConditioned(keras.layers.Layer):
         None."""
         return None
 
+    def deployment(self):
+        """A reusable context manager in which the layer computes as
+        deployed; this one changes nothing."""
+        return contextlib.nullcontext()
+
     def compute_output_shape(self, x_shape, task_ids_shape=None):
         return x_shape
+
+
+def deployed(layer, function):
+    """`function`, run with every conditioned layer of `layer` (a model)
+    computing as deployed (`TaskConditioned.deployment`, made now)."""
+    deployments = [l.deployment() for l in flatten_layers(layer, include_self=False)
+                   if isinstance(l, TaskConditioned)]
+
+    def call(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for deployment in deployments:
+                stack.enter_context(deployment)
+            return function(*args, **kwargs)
+
+    return call
 
 
 def draw_counter(layer):

@@ -19,9 +19,6 @@ A starting at I; `"residual"`, `W' = W + W A`, and `"nonlinear"`,
 passes nothing: `W' = W` exactly.
 """
 
-import contextlib
-import threading
-
 import numpy as np
 import tensorflow as tf
 
@@ -144,37 +141,6 @@ def task_affinity(matrix, num_tasks, variant):
     blocks = matrix.reshape(channels, num_tasks, channels, num_tasks)  # [c, s, c', t]
     affinity = blocks.sum(axis=(0, 2)) / channels
     return affinity - np.eye(num_tasks) if variant == "linear" else affinity
-
-
-# Deployment folds passing into the weights it serves (`folded_passing`).
-_folded = threading.local()
-
-
-def fold_passing(model):
-    """`{id(layer): {name: W'}}`, constants, for the passed layers of
-    `model` whose A passes something (the others serve W itself)."""
-    return {id(layer): {name: tf.constant(layer.weight(name)) for name in layer.passed_weights
-                        if getattr(layer, name) is not None}
-            for layer in passed_layers(model) if not layer.passes_nothing()}
-
-
-@contextlib.contextmanager
-def folded_passing(folded):
-    """Inside, passed layers serve `folded` (`fold_passing`) or their own
-    weights, with no passing matrix in the graph (`tf_mtl.export` traces
-    this)."""
-    stack = _folded.__dict__.setdefault("stack", [])
-    stack.append(folded)
-    try:
-        yield
-    finally:
-        stack.pop()
-
-
-def folded_weights():
-    """The `fold_passing` in force, or None."""
-    stack = getattr(_folded, "stack", None)
-    return stack[-1] if stack else None
 
 
 def passed_layers(model):

@@ -20,7 +20,6 @@ import tensorflow as tf
 from tf_mtl.layers.base import TaskConditioned, tiled_tasks
 from tf_mtl.layers.passing import (
     check_passing,
-    folded_weights,
     matrix_size,
     neutral_matrix,
     pass_weights,
@@ -93,6 +92,7 @@ class PerTaskLayer(TaskConditioned):
         # scope, where no optimizer could create its step count.
         self._passing_optimizer = (keras.optimizers.SGD(self.passing_learning_rate)
                                    if passing else None)
+        self._serving = None  # the weights a deployment serves
 
     def _build_passing(self, channels):
         if self.passing is None:
@@ -126,10 +126,16 @@ class PerTaskLayer(TaskConditioned):
         value = getattr(self, name)
         if self.passing is None or value is None or name not in self.passed_weights:
             return value
-        folded = folded_weights()
-        if folded is not None:  # deployment: no passing matrix in the graph
-            return folded.get(id(self), {}).get(name, value)
+        if self._serving is not None:  # deployed: no passing matrix in the graph
+            return self._serving.get(name, value)
         return self._passed(name)
+
+    def deployment(self):
+        """Serves `W'`, folded now into constants (none when A passes
+        nothing: W itself); no passing matrix in a deployed graph."""
+        folded = {} if self.passing is None or self.passes_nothing() else {
+            name: tf.constant(self.weight(name)) for name in self._matrix_names}
+        return _Serving(self, folded)
 
     def _passed(self, name):
         # In float32 (A is float32 state), then in the weight's own dtype.
@@ -362,3 +368,17 @@ class PerTaskBatchNormalization(PerTaskLayer):
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum,
                 "epsilon": self.epsilon}
+
+
+class _Serving:
+    """Inside, `layer` serves the weights `folded` names (`deployment`)."""
+
+    def __init__(self, layer, folded):
+        self.layer, self.folded, self.previous = layer, folded, []
+
+    def __enter__(self):
+        self.previous.append(self.layer._serving)
+        self.layer._serving = self.folded
+
+    def __exit__(self, *exc):
+        self.layer._serving = self.previous.pop()
