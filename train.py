@@ -67,23 +67,6 @@ flags.DEFINE_integer("head_channels", 64, "Dense tasks: channels inside each tas
 flags.DEFINE_float("width", 1.0, "Width multiplier of the backbone.", lower_bound=0.01)
 flags.DEFINE_integer("epochs", 8, "Training epochs.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
-flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Optimizer (sgd: with --momentum).")
-flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.", lower_bound=1e-8)
-flags.DEFINE_enum("lr_schedule", "constant", list(optimizers.SCHEDULES),
-                  "Learning rate over training: constant; step (times --lr_decay_rate "
-                  "every --lr_decay_epochs); cosine (decayed to 0 at the last step).")
-flags.DEFINE_float("lr_decay_epochs", 100, "step schedule: epochs between two decays.",
-                   lower_bound=1e-3)
-flags.DEFINE_float("lr_decay_rate", 0.5, "step schedule: factor of each decay.",
-                   lower_bound=0.0)
-flags.DEFINE_float("weight_decay", 0.0, "Weight decay of the optimizer (see "
-                   "--weight_decay_mode).", lower_bound=0.0)
-flags.DEFINE_enum("weight_decay_mode", "decoupled", ["decoupled", "l2"],
-                  "decoupled: Keras' (AdamW); l2: PyTorch's Adam and SGD, the papers' "
-                  "code, which add weight_decay * w to the gradient "
-                  "(tf_mtl.optimizers).")
-flags.DEFINE_float("momentum", 0.9, "Momentum of --optimizer=sgd.", lower_bound=0.0,
-                   upper_bound=0.999)
 flags.DEFINE_enum("cityscapes_classes", "7", ["7", "10", "19"],
                   "Semantic classes of --dataset=cityscapes: MTAN's 7, MPPS's 10 (its "
                   "labelling unverified) or the benchmark's 19 (Auto-Lambda's).")
@@ -136,6 +119,7 @@ flags.DEFINE_bool("deterministic", False,
                   "bit-identical reruns and resumes on GPUs too, slower. CPU runs "
                   "are bit-identical without it.")
 
+optimizers.define_flags()
 weighting.define_flags()
 aggregation.define_flags()
 methods.define_flags()
@@ -180,16 +164,12 @@ def _backbone(dense):
     return functools.partial(backbones.BACKBONES[FLAGS.backbone], FLAGS.width, **options)
 
 
-def _optimizer(steps_per_epoch):
+def _optimizer(train):
     try:
-        rate = optimizers.learning_rate(FLAGS.learning_rate, FLAGS.lr_schedule, FLAGS.epochs,
-                                        steps_per_epoch, FLAGS.lr_decay_epochs,
-                                        FLAGS.lr_decay_rate)
+        return optimizers.from_flags(FLAGS, FLAGS.epochs, int(train.cardinality()))
     except ValueError:
         raise app.UsageError(f"--lr_schedule={FLAGS.lr_schedule} needs the number of "
                              "steps per epoch, and the training split does not say it.") from None
-    return optimizers.build(FLAGS.optimizer, rate, FLAGS.momentum, FLAGS.weight_decay,
-                           FLAGS.weight_decay_mode)
 
 
 def _strategy():
@@ -215,7 +195,7 @@ def _fit(model, strategy, train, validation, test, callbacks, name=None, carve=N
     the last epoch, each with its `epoch` (1-based)."""
     def compile_for(train):  # its steps per epoch drive the learning-rate schedule
         with strategy.scope():  # the optimizer's variables are mirrored too
-            model.compile(optimizer=_optimizer(int(train.cardinality())),
+            model.compile(optimizer=_optimizer(train),
                           jit_compile=FLAGS.jit_compile,
                           weighting=weighting.from_flags(FLAGS),
                           aggregator=aggregation.from_flags(FLAGS),

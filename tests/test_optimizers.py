@@ -1,9 +1,10 @@
-"""tf_mtl.optimizers: PyTorch's L2 weight decay on Keras' optimizers, and the
-learning-rate schedules."""
+"""tf_mtl.optimizers: PyTorch's L2 weight decay on Keras' optimizers, the
+learning-rate schedules, and the flags that choose them."""
 
 import keras
 import numpy as np
 import pytest
+from absl import flags
 
 from tf_mtl import optimizers
 from tf_mtl.optimizers import AdamL2, SGDL2
@@ -45,3 +46,30 @@ def test_learning_rate_schedules_follow_the_step_count():
     with pytest.raises(ValueError, match="'exp'"):
         optimizers.learning_rate(0.1, "exp", 5, 10)
 
+
+
+def test_flags_make_the_optimizer():
+    flag_values = flags.FlagValues()
+    optimizers.define_flags(flag_values)
+
+    def made(*arguments, epochs=4):
+        flag_values.unparse_flags()
+        flag_values(["train.py", *arguments])
+        return optimizers.from_flags(flag_values, epochs, steps_per_epoch=10)
+
+    decoupled = made("--weight_decay=1e-4", "--optimizer=sgd")
+    assert isinstance(decoupled, keras.optimizers.SGD)
+    assert decoupled.weight_decay == pytest.approx(1e-4)
+    adam_l2 = made("--weight_decay=1e-5", "--weight_decay_mode=l2", "--optimizer=adam")
+    assert isinstance(adam_l2, AdamL2) and adam_l2.l2 == pytest.approx(1e-5)
+    assert adam_l2.weight_decay is None
+    sgd_l2 = made("--weight_decay=1e-4", "--weight_decay_mode=l2", "--optimizer=sgd",
+                  "--momentum=0.8")
+    assert sgd_l2.l2 == pytest.approx(1e-4) and sgd_l2.momentum == pytest.approx(0.8)
+    cosine = made("--learning_rate=0.1", "--lr_schedule=cosine", epochs=5)
+    assert isinstance(cosine._learning_rate, keras.optimizers.schedules.CosineDecay)
+    assert cosine._learning_rate.decay_steps == 50
+    with pytest.raises(ValueError, match="steps per epoch"):
+        flag_values.unparse_flags()
+        flag_values(["train.py", "--lr_schedule=step"])
+        optimizers.from_flags(flag_values, 4, steps_per_epoch=-2)

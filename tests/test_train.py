@@ -392,24 +392,6 @@ def test_precision_and_compilation_flags_train(tmp_path, flags):
     assert_export(out / "export")  # in float32: TFLite has no bfloat16 kernels
 
 
-def test_optimizer_flags_make_the_optimizer():
-    with flagsaver.flagsaver():
-        FLAGS(["train.py", "--weight_decay=1e-4", "--optimizer=sgd"])
-        optimizer = train._optimizer(steps_per_epoch=10)
-        FLAGS(["train.py", "--weight_decay=1e-5", "--weight_decay_mode=l2", "--optimizer=adam"])
-        adam_l2 = train._optimizer(steps_per_epoch=10)
-        FLAGS(["train.py", "--weight_decay=1e-4", "--weight_decay_mode=l2", "--optimizer=sgd",
-               "--momentum=0.8"])
-        sgd_l2 = train._optimizer(steps_per_epoch=10)
-        FLAGS(["train.py", "--learning_rate=0.1", "--epochs=5", "--lr_schedule=cosine"])
-        cosine = train._optimizer(steps_per_epoch=10)
-    assert isinstance(cosine._learning_rate, keras.optimizers.schedules.CosineDecay)
-    assert optimizer.weight_decay == pytest.approx(1e-4)
-    assert isinstance(adam_l2, keras.optimizers.Adam) and adam_l2.l2 == pytest.approx(1e-5)
-    assert adam_l2.weight_decay is None
-    assert sgd_l2.l2 == pytest.approx(1e-4) and sgd_l2.momentum == pytest.approx(0.8)
-
-
 @pytest.mark.parametrize("arguments, message", [
     (["--dataset=synthetic", "--aspp_rates=1,2"], "--aspp_rates is for dense tasks"),
     (["--dataset=synthetic", "--backbone=segnet"], "--backbone=segnet outputs"),

@@ -1,5 +1,5 @@
-"""Optimizers and learning-rate schedules of `train.py`, and weight decay as
-the papers' PyTorch code applies it.
+"""Optimizers and learning-rate schedules of `train.py` (and its flags), and
+weight decay as the papers' PyTorch code applies it.
 
 Keras' `weight_decay` is decoupled (AdamW: `w <- w - lr * wd * w` beside the
 Adam step). PyTorch's `Adam(weight_decay=wd)` and `SGD(weight_decay=wd)`,
@@ -102,3 +102,41 @@ def build(name, rate, momentum=0.9, weight_decay=0.0, weight_decay_mode="decoupl
         return (SGDL2 if sgd else AdamL2)(rate, l2=weight_decay, **sgd)
     decay = {"weight_decay": weight_decay} if weight_decay else {}
     return (keras.optimizers.SGD if sgd else keras.optimizers.Adam)(rate, **sgd, **decay)
+
+
+def define_flags(flag_values=None):
+    """absl flags of `train.py`: `--optimizer`, its learning rate and schedule,
+    and weight decay (in `flag_values`, default absl's global ones)."""
+    from absl import flags
+
+    into = {"flag_values": flags.FLAGS if flag_values is None else flag_values}
+    flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Optimizer (sgd: with --momentum).",
+                      **into)
+    flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.", lower_bound=1e-8, **into)
+    flags.DEFINE_enum("lr_schedule", "constant", list(SCHEDULES),
+                      "Learning rate over training: constant; step (times --lr_decay_rate "
+                      "every --lr_decay_epochs); cosine (decayed to 0 at the last step).",
+                      **into)
+    flags.DEFINE_float("lr_decay_epochs", 100, "step schedule: epochs between two decays.",
+                       lower_bound=1e-3, **into)
+    flags.DEFINE_float("lr_decay_rate", 0.5, "step schedule: factor of each decay.",
+                       lower_bound=0.0, **into)
+    flags.DEFINE_float("weight_decay", 0.0, "Weight decay of the optimizer (see "
+                       "--weight_decay_mode).", lower_bound=0.0, **into)
+    flags.DEFINE_enum("weight_decay_mode", "decoupled", ["decoupled", "l2"],
+                      "decoupled: Keras' (AdamW); l2: PyTorch's Adam and SGD, the papers' "
+                      "code, which add weight_decay * w to the gradient "
+                      "(tf_mtl.optimizers).", **into)
+    flags.DEFINE_float("momentum", 0.9, "Momentum of --optimizer=sgd.", lower_bound=0.0,
+                       upper_bound=0.999, **into)
+
+
+def from_flags(flag_values, epochs, steps_per_epoch):
+    """The optimizer the flags name, for `epochs` epochs of `steps_per_epoch`
+    steps (a ValueError when a schedule needs them and `steps_per_epoch` is
+    not positive)."""
+    rate = learning_rate(flag_values.learning_rate, flag_values.lr_schedule, epochs,
+                         steps_per_epoch, flag_values.lr_decay_epochs,
+                         flag_values.lr_decay_rate)
+    return build(flag_values.optimizer, rate, flag_values.momentum, flag_values.weight_decay,
+                 flag_values.weight_decay_mode)
