@@ -212,24 +212,24 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
             features, routed = tap.wrap(route)(features)
         return features, task_ids if routed is None else routed
 
-    def _heads(self, features, row_tasks, training, tiled):
+    def _heads(self, features, task_ids, training, tiled):
         """Per-task predictions, and each task's row indices when routed
         (`tiled`: the rows were tiled, not given their tasks by the data)."""
-        if row_tasks is None:
+        if task_ids is None:
             return {n: self.heads[n](features, training=training)
                     for n in self.task_names}, None
         if tiled:  # task t's rows are the t-th of T equal blocks
             split = lambda values: tf.split(values, self.num_tasks)
         else:
-            split = lambda values: tf.dynamic_partition(values, row_tasks, self.num_tasks)
+            split = lambda values: tf.dynamic_partition(values, task_ids, self.num_tasks)
         rows, parts = split(tf.range(tf.shape(features)[0])), split(features)
         return {n: self.heads[n](p, training=training)
                 for n, p in zip(self.task_names, parts)}, rows
 
     def call(self, x, training=False):
         """`x -> {task_name: output}` for a batch serving every task."""
-        features, row_tasks = self.features(x, None, training)
-        return self._heads(features, row_tasks, training, tiled=True)[0]
+        features, task_ids = self.features(x, None, training)
+        return self._heads(features, task_ids, training, tiled=True)[0]
 
     def deployable_call(self):
         """The function `x -> {task_name: output}` a deployment runs (what
@@ -265,22 +265,23 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         """Per-example loss of one task (`tf_mtl.objective.task_loss`)."""
         return objective.task_loss(task, y_true, y_pred, self._task_metrics[task.name][1:])
 
-    def split_objective(self, losses, rows, row_tasks, scope, weights, regularized=True):
+    def split_objective(self, losses, rows, task_ids, scope, weights, regularized=True):
         """`(task_losses, rest)` of this replica (`tf_mtl.objective.
         split_objective`); `regularized`: whether to add the weight
         regularizers (once per step)."""
         return objective.split_objective(
-            losses, rows, row_tasks, scope, self._base_weights(), weights,
+            losses, rows, task_ids, scope, self._base_weights(), weights,
             [m[0] for m in self._task_metrics.values()],
             self.losses if regularized else ())
 
     def forward_objective(self, x, task_ids, labels, weights, tap=None, training=True):
         """One pass over every task's rows: `(task_losses, rest, named terms)`."""
+        tiled = task_ids is None
         with objective_scope() as scope:
-            features, row_tasks = self.features(x, task_ids, training, tap)
-        preds, rows = self._heads(features, row_tasks, training, tiled=task_ids is None)
+            features, task_ids = self.features(x, task_ids, training, tap)
+        preds, rows = self._heads(features, task_ids, training, tiled)
         losses = [self.task_loss(t, labels[t.name], preds[t.name]) for t in self.tasks]
-        task_losses, rest = self.split_objective(losses, rows, row_tasks, scope, weights)
+        task_losses, rest = self.split_objective(losses, rows, task_ids, scope, weights)
         return task_losses, rest, scope.named
 
     def track_objective(self, loss, step):

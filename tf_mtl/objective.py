@@ -39,7 +39,7 @@ def task_loss(task, y_true, y_pred, metrics):
     return tf.cast(task.loss(y_true, y_pred), tf.float32)
 
 
-def split_objective(losses, rows, row_tasks, scope, task_weights, weights, loss_metrics,
+def split_objective(losses, rows, task_ids, scope, task_weights, weights, loss_metrics,
                     regularizers=()):
     """This replica's share of the objective, in two parts.
 
@@ -65,8 +65,8 @@ def split_objective(losses, rows, row_tasks, scope, task_weights, weights, loss_
         metric.update_state(tf.math.divide_no_nan(total, count), sample_weight=count)
     rest = tf.constant(0.0)
     if scope.records:
-        row_losses = tf.dynamic_stitch(rows, losses) * tf.gather(weights, row_tasks)
-        row_weights = tf.gather(task_weights / global_counts, row_tasks)
+        row_losses = tf.dynamic_stitch(rows, losses) * tf.gather(weights, task_ids)
+        row_weights = tf.gather(task_weights / global_counts, task_ids)
         rest += scope.terms(row_losses, row_weights)
     if regularizers:  # one share per replica
         rest += tf.add_n(list(regularizers)) / num_replicas()

@@ -127,18 +127,18 @@ def sequential_gradients(model, x, labels, first, weights, per_task):
             tape.watch(inputs)
             with objective_scope() as scope, tiled_rows([t]):
                 if site >= 0:
-                    features, row_tasks = block.run_from(site, inputs, None, True, route)
+                    features, task_ids = block.run_from(site, inputs, None, True, route)
                     suffix = backbone[first + 1:]
                 else:
-                    (features,), row_tasks, suffix = inputs, None, backbone[first:]
-                features, row_tasks = run_layers(suffix, features, route, True, row_tasks)
+                    (features,), task_ids, suffix = inputs, None, backbone[first:]
+                features, task_ids = run_layers(suffix, features, route, True, task_ids)
             pred = model.heads[task.name](features, training=True)
             losses = [tf.zeros([0])] * model.num_tasks
             losses[t] = model.task_loss(task, labels[task.name], pred)
             rows = [no_rows] * model.num_tasks
             rows[t] = tf.range(batch)
             pass_losses, rest = model.split_objective(
-                losses, rows, row_tasks, scope, weights, regularized=t == 0)
+                losses, rows, task_ids, scope, weights, regularized=t == 0)
             weighted = weights[t] * pass_losses[t]
             scaled_task, scaled_rest = scale(weighted), scale(rest)
             scaled = scaled_task + scaled_rest
