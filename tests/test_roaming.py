@@ -239,7 +239,9 @@ def test_partition_state_saves_and_reloads(tmp_path):
 
 
 @pytest.mark.parametrize("argument, message", [
-    ({"sharing_ratio": 0.0}, "sharing_ratio"), ({"num_tasks": 0}, "num_tasks")])
+    ({"sharing_ratio": 0.0}, "sharing_ratio"), ({"num_tasks": 0}, "num_tasks"),
+    # Below 1/T every p gives each task C/T channels: refused, not silently equal.
+    ({"sharing_ratio": 0.3}, r"\[1/T, 1\] = \[0.5, 1\] for 2 tasks")])
 def test_bad_arguments_are_refused(argument, message):
     with pytest.raises(ValueError, match=message):
         ChannelPartition(**{"num_tasks": 2, **argument})

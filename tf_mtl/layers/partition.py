@@ -28,9 +28,8 @@ class ChannelPartition(TaskConditioned):
     uniformly. (The paper's alternative, a Bernoulli(p) draw per entry with
     uncovered channels given to one task, gives tasks unequal counts, which
     would end their plans at different steps.) Constraint 3 with equal
-    counts needs p >= 1/T: below it every task keeps the cover's C/T
-    channels, a disjoint partition, whatever p (with one task: every
-    channel).
+    counts needs p >= 1/T (p = 1/T: the disjoint partition); a smaller p
+    is refused, as every p below it would give that same partition.
 
     `roam()` is one step of the update plan (Definition 1, eq. 4): per task,
     one active channel off and one never-visited channel on. The partition
@@ -42,7 +41,7 @@ class ChannelPartition(TaskConditioned):
 
     Args:
         num_tasks: T.
-        sharing_ratio: p in (0, 1], the fraction of channels of each task.
+        sharing_ratio: p in [1/T, 1], the fraction of channels of each task.
         seed: seed of the initial partition and of the plan's draws.
 
     Example:
@@ -58,9 +57,12 @@ class ChannelPartition(TaskConditioned):
         super().__init__(**kwargs)
         if int(num_tasks) < 1:
             raise ValueError(f"`num_tasks` must be >= 1. Received: {num_tasks}")
-        if not 0.0 < sharing_ratio <= 1.0:
+        if not 1.0 / int(num_tasks) - 1e-9 <= sharing_ratio <= 1.0:
             raise ValueError(
-                f"`sharing_ratio` must be in (0, 1]. Received: sharing_ratio={sharing_ratio}")
+                f"`sharing_ratio` must be in [1/T, 1] = [{1 / int(num_tasks):.4g}, 1] for "
+                f"{num_tasks} tasks: every channel keeps a task (constraint 3), so below "
+                f"1/T each task holds C/T channels whatever p. Received: "
+                f"sharing_ratio={sharing_ratio}")
         self.num_tasks = int(num_tasks)
         self.sharing_ratio = float(sharing_ratio)
         self.seed = int(np.random.randint(2**31 - 1) if seed is None else seed)
