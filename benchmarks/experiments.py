@@ -134,6 +134,10 @@ def _table5():
     return experiments
 
 
+# MPPS's Algorithm 1 as written: Phi free to move, beta 1, one mask per task.
+FREE_PHI = ("--nompps_hold_capacity", "--mpps_beta=1", "--mpps_sample_per=task")
+
+
 def _ablations():
     """The papers' ablations that fit, on MultiFashion: MPPS's schedules,
     target update and Phi (MPPS 5.3-5.4), Maximum Roaming's sharing ratio
@@ -146,11 +150,13 @@ def _ablations():
         **{f"MPPS schedule {s}": MPPS + (f"--mpps_schedule={s}",)
            for s in ("separ", "fullshare", "quad", "step2")},
         "MPPS no target update": MPPS + ("--nompps_update_target",),
-        "MPPS paper's free Phi": MPPS + ("--nompps_hold_capacity", "--mpps_beta=1",
-                                         "--mpps_sample_per=task"),
+        "MPPS paper's free Phi": MPPS + FREE_PHI,
+        # Held capacity keeps Phi at its start, where the update changes nothing.
+        "MPPS paper's free Phi, no target update": MPPS + FREE_PHI + (
+            "--nompps_update_target",),
         **{f"{m.upper()} p={p}": (f"--method={m}", f"--sharing_ratio={p}",
                                   f"--roaming_interval={budget.roaming_interval(p)}")
-           for p in (0.3, 0.65, 0.9) for m in ("mr", "tr")},
+           for p in (0.65, 0.9) for m in ("mr", "tr")},
         **{f"PPNet channel {v}": flags["PPNet channel"] + (f"--ppnet_variant={v}",)
            for v in ("residual", "nonlinear")},
         "PPNet channel per tensor": flags["PPNet channel"] + ("--ppnet_per_tensor",),

@@ -82,6 +82,19 @@ def paired(records, references, measure):
     return Interval([measure(ours[s], theirs[s]) for s in seeds])
 
 
+def paired_gap(pair, other_pair, measure):
+    """`Interval` over the seeds all four share of `measure` on `pair` minus
+    `measure` on `other_pair` (each `(records, references)`): how much more
+    one comparison gains than another, paired by seed; None when they share
+    no seed."""
+    groups = [by_seed(records) for records in (*pair, *other_pair)]
+    seeds = sorted(set.intersection(*(set(g) for g in groups)))
+    if not seeds:
+        return None
+    a, b, c, d = groups
+    return Interval([measure(a[s], b[s]) - measure(c[s], d[s]) for s in seeds])
+
+
 def delta_m(record, reference):
     """Delta of MPPS eq. (5) (percent) of `record` against `reference`, on the
     test metrics of every task at the selected epoch."""
