@@ -1,4 +1,5 @@
-"""Task-conditioned layers in a user's own Keras model (`tf_mtl.Model`)."""
+"""Tests of `tf_mtl.training`: task-conditioned layers in a user's own Keras
+model (`tf_mtl.Model`, built on `ConditionedTraining`)."""
 
 import keras
 import numpy as np
