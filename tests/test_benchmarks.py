@@ -140,6 +140,17 @@ def test_paired_measures_pair_seeds_and_eta_hat_reads_intervals():
     assert stats.paired_eta_hat(noisy, stl) == 100.0  # ... within its interval
 
 
+def test_a_paired_gap_differences_two_comparisons_seed_by_seed():
+    gain = stats.improvement("a_accuracy", True)
+    small = ([_record(s, a=0.80 + 0.01 * s) for s in range(3)],
+             [_record(s, a=0.78 + 0.01 * s) for s in range(3)])   # +2 points each seed
+    large = ([_record(s, a=0.70 + 0.02 * s) for s in range(1, 4)],
+             [_record(s, a=0.695 + 0.02 * s) for s in range(1, 4)])  # +0.5, seeds 1-3
+    gap = stats.paired_gap(small, large, gain)
+    assert gap.n == 2 and math.isclose(gap.mean, 1.5) and gap.sign() == 1  # seeds 1, 2
+    assert stats.paired_gap(small, ([_record(9, a=0.7)], [_record(9, a=0.7)]), gain) is None
+
+
 def test_metrics_lower_is_better_and_several_per_task_follow_train_py():
     grouped = {"seg": {"seg_miou": True, "seg_pixel_accuracy": True},
                "depth": {"depth_error": False}}
