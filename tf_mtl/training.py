@@ -225,6 +225,8 @@ class ConditionedTraining:
         step = functools.partial(StepGradients, objective, task_losses, rows=rows)
         if not per_task:
             return step(tape.gradient(scaled, variables))
+        # Which variables each task's loss reaches: only whether a gradient
+        # is None is read, so `tf.function` prunes these backward passes.
         reached = [sum(g is not None for g in grads) for grads in zip(
             *[tape.gradient(task, variables) for task in scaled_tasks[1]])]
         owners = self.variable_optimizers()
