@@ -20,7 +20,7 @@ BUILDERS = {
         b, t, (28, 28, 1), joint, num_masked=3, distribution="gaussian",
         routing="sequential"),
     "stl": lambda b, t, joint: methods.single_task(b, t[0], (28, 28, 1)),
-    "mr": lambda b, t, joint: methods.maximum_roaming(b, t, (28, 28, 1), joint, 0.3),
+    "mr": lambda b, t, joint: methods.maximum_roaming(b, t, (28, 28, 1), joint, 0.6),
     "lsmtl": lambda b, t, joint: methods.safe_sharing(
         functools.partial(backbones.lenet, 0.25), t, (28, 28, 1), joint, lite=True),
     "mtan": lambda b, t, joint: methods.attention_network(b, t, (28, 28, 1), joint),

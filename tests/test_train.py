@@ -180,7 +180,7 @@ def test_safe_mtl_logs_its_gates_and_draws_them(tmp_path, method):
 @pytest.mark.parametrize("method, updates", [("mr", 2), ("tr", 0)])
 def test_roaming_logs_update_ratio_and_overlap(tmp_path, method, updates):
     out = run_train(tmp_path, "--export", f"--method={method}", "--dataset=synthetic", "--epochs=2",
-                    "--roaming_interval=1", "--sharing_ratio=0.4")
+                    "--roaming_interval=1", "--sharing_ratio=0.55")
     saved = read_json(out / "history.json")
     assert [r["epoch"] for r in saved["roaming"]] == [0, 1]
     assert all(layer["updates"] == updates for layer in saved["roaming"][-1]["layers"].values())
