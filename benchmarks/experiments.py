@@ -15,6 +15,10 @@ import math
 from harness import Experiment
 
 SEEDS = (0, 1, 2)
+# Where 3 seeds leave MPPS > HPS inconclusive (MultiFashion +0.50 +- 1.11 %,
+# FashionGroups -0.65 +- 1.30 %), the claim Table 5 rests on: 5.
+MORE_SEEDS = {("multifashion", "HPS"): 5, ("multifashion", "MPPS"): 5,
+              ("fashion_groups", "HPS"): 5, ("fashion_groups", "MPPS"): 5}
 DATASETS = ("multifashion", "multifashion_texture", "fashion_groups", "fashion_domains",
             "fashion_scenes")
 
@@ -117,7 +121,8 @@ def objective_flags():
 
 
 def _main():
-    return [Experiment("main", d, label, (*BUDGETS[d].flags(), *flags), SEEDS)
+    return [Experiment("main", d, label, (*BUDGETS[d].flags(), *flags),
+                       tuple(range(MORE_SEEDS.get((d, label), len(SEEDS)))))
             for d in DATASETS for label, flags in method_flags(BUDGETS[d]).items()
             if not (d in NOT_JOINTLY_LABELLED and label in JOINTLY_LABELLED_ONLY)]
 
