@@ -26,12 +26,12 @@ from tf_mtl.task_gradients import StepGradients
 _LINEAR_REDUCTIONS = ("sum_over_batch_size", "mean", "sum")
 
 
-def conditioned_layers(model):
-    """The task-conditioned layers of any Keras model or layer, in the order
-    they were added."""
+def conditioned_layers(model, kind=TaskConditioned):
+    """The task-conditioned layers of any Keras model or layer (those of
+    `kind`, a subclass), in the order they were added."""
     found = []
     for layer in flatten_layers(model, include_self=False):
-        if isinstance(layer, TaskConditioned) and all(layer is not f for f in found):
+        if isinstance(layer, kind) and all(layer is not f for f in found):
             found.append(layer)
     return found
 

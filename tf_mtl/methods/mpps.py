@@ -282,8 +282,7 @@ class ExclusiveCapacityScheduler(keras.callbacks.Callback):
             )
 
     def _masks(self):
-        masks = [l for l in conditioned_layers(self.model)
-                 if isinstance(l, ProgressiveMask)]
+        masks = conditioned_layers(self.model, ProgressiveMask)
         if not masks:
             raise ValueError("ExclusiveCapacityScheduler: the model has no "
                              "ProgressiveMask (build it with progressive_sharing).")

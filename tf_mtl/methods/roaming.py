@@ -130,8 +130,8 @@ class MaximumRoaming(keras.callbacks.Callback):
                 if isinstance(block, Block):
                     for site, layer in block.conditioned.items():
                         kernels[id(layer)] = block.site_kernel(int(site))
-        found = [(layer, kernels.get(id(layer))) for layer in conditioned_layers(self.model)
-                 if isinstance(layer, ChannelPartition)]
+        found = [(layer, kernels.get(id(layer)))
+                 for layer in conditioned_layers(self.model, ChannelPartition)]
         if not found:
             raise ValueError("MaximumRoaming: the model has no ChannelPartition "
                              "(build it with methods.maximum_roaming).")

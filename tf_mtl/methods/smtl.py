@@ -186,7 +186,7 @@ class SafeSharing(MultiTaskModel):
     @property
     def gates(self):
         """The `EncoderGate`s, in task order."""
-        return [l for l in self.conditioned_layers if isinstance(l, EncoderGate)]
+        return conditioned_layers(self, EncoderGate)
 
     # -- bi-level training ---------------------------------------------------
 
@@ -363,7 +363,7 @@ class GateHistory(keras.callbacks.Callback):
         self.history = []
 
     def on_epoch_end(self, epoch, logs=None):
-        gates = [l for l in conditioned_layers(self.model) if isinstance(l, EncoderGate)]
+        gates = conditioned_layers(self.model, EncoderGate)
         if not gates:
             raise ValueError("GateHistory: the model has no EncoderGate "
                              "(build it with methods.safe_sharing).")
