@@ -217,11 +217,11 @@ class ConditionedTraining:
                 y_pred = self(x, training=True)
             objective, task_losses, rest = self._compiled_objective(
                 scope, x, y, y_pred, sample_weight, rows, weights, split)
-            self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
             scale = self.optimizer.scale_loss
             scaled, scaled_rest = scale(objective), scale(rest)
             scaled_tasks = scale(weights * task_losses) if split else None
             scaled_tasks = (scaled_tasks, tf.unstack(scaled_tasks) if per_task else None)
+        self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         step = functools.partial(StepGradients, objective, task_losses, rows=rows)
         if not per_task:
             return step(tape.gradient(scaled, variables))
@@ -238,7 +238,8 @@ class ConditionedTraining:
 
     def _compiled_objective(self, scope, x, y, y_pred, sample_weight, rows, weights, split):
         """`(objective, task losses, rest)` of the compiled loss; task losses
-        (and `rest`, everything but them) only when `split` by output."""
+        (and `rest`, everything but them) only when `split` by output, then
+        weighted by `weights`."""
         outputs = keras.tree.flatten(y_pred)
         scale = tf.ones([len(outputs) if split else 1, rows])
         with tf.GradientTape() as rows_tape:
@@ -250,7 +251,6 @@ class ConditionedTraining:
             contributions = tf.zeros_like(scale)
         if split:
             task_losses = tf.reduce_sum(contributions, 1)
-            weights = tf.ones_like(task_losses) if weights is None else weights
             rest = loss - tf.reduce_sum(task_losses)
             row_contributions = tf.reduce_sum(weights[:, None] * contributions, 0)
             objective = tf.reduce_sum(weights * task_losses) + rest
@@ -293,7 +293,7 @@ class ConditionedTraining:
 
     def track_objective(self, loss, step):
         """Logs this replica's share of the step's objective (`loss`)."""
-        self._loss_tracker.update_state(loss * _replicas(), sample_weight=step.rows)
+        self._loss_tracker.update_state(loss * num_replicas(), sample_weight=step.rows)
 
     def check_finite(self, loss):
         """Called with the objective before the update; Keras' `fit` leaves
@@ -309,7 +309,7 @@ class ConditionedTraining:
             flat = tf.nest.flatten(sample_weight)
             row_weights = tf.reshape(tf.cast(flat[0], tf.float32), [rows])
         # Keras' loss is this replica's batch mean over the replicas' count.
-        row_weights /= tf.cast(rows, tf.float32) * _replicas()
+        row_weights /= tf.cast(rows, tf.float32) * num_replicas()
         row_losses = tf.math.divide_no_nan(tf.stop_gradient(contributions), row_weights)
         return scope.terms(row_losses, row_weights)
 
@@ -468,10 +468,6 @@ def _workers(strategy):
     """The processes of a multi-worker cluster (its chief and workers)."""
     jobs = strategy.cluster_resolver.cluster_spec().as_dict()
     return sum(len(jobs.get(job, ())) for job in ("chief", "worker"))
-
-
-def _replicas():
-    return float(tf.distribute.get_strategy().num_replicas_in_sync)
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
