@@ -244,9 +244,9 @@ def fit_resumed(model, checkpoint, x, epochs, test, callbacks=(), resume=True, *
     """
     done = checkpoint.restore(model) if resume or checkpoint.writes else 0
     if done > epochs:
-        raise CheckpointError(f"{checkpoint.folder} holds {done} epochs, more than the {epochs} "
-                         f"to train: train to {done} or more, or start over (train.py: "
-                         "--noresume).")
+        raise CheckpointError(f"{checkpoint.folder} holds {done} epochs, more than the "
+                              f"{epochs} to train: train to {done} or more, or start over "
+                              "(train.py: --noresume).")
     if done == epochs:
         print(f"{checkpoint.folder}: all {done} epochs trained already; evaluating it")
     else:

@@ -188,6 +188,11 @@ class SafeSharing(MultiTaskModel):
         """The `EncoderGate`s, in task order."""
         return conditioned_layers(self, EncoderGate)
 
+    @property
+    def gate_logits(self):
+        """The gates' variables, which bi-level training fits on held-out data."""
+        return [g.logits for g in self.gates]
+
     # -- bi-level training ---------------------------------------------------
 
     def compile(self, optimizer="adam", weighting=None, aggregator=None, **kwargs):
@@ -205,7 +210,7 @@ class SafeSharing(MultiTaskModel):
     def variable_optimizers(self):
         owners = super().variable_optimizers()
         if self.bilevel:
-            owners.update({id(g.logits): self.gate_optimizer for g in self.gates})
+            owners.update({id(v): self.gate_optimizer for v in self.gate_logits})
         return owners
 
     def build_optimizer(self):
@@ -217,18 +222,18 @@ class SafeSharing(MultiTaskModel):
                 self.gate_optimizer = keras.optimizers.LossScaleOptimizer(self.gate_optimizer)
         if self.bilevel and not self.gate_optimizer.built:
             with self.distribute_strategy.scope():
-                self.gate_optimizer.build([g.logits for g in self.gates])
+                self.gate_optimizer.build(self.gate_logits)
 
     def step_variables(self):
         if not self.bilevel:
             return super().step_variables()
-        gates = [g.logits for g in self.gates]
+        gates = self.gate_logits
         return [v for v in self.trainable_variables if all(v is not g for g in gates)]
 
     def fit_heldout(self, train, heldout):
         if not self.bilevel:
             return super().fit_heldout(train, heldout)
-        gates = [g.logits for g in self.gates]
+        gates = self.gate_logits
         self.gate_optimizer.apply_gradients(
             zip(self._hypergradients(train, heldout, self.step_variables(), gates), gates))
 
