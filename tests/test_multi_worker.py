@@ -1,6 +1,7 @@
 """`train.py --strategy=multi_worker`: two worker processes on localhost
-train like one process on two devices, and a job killed in an epoch resumes
-from its last checkpoint to the same result."""
+train like one process on two devices (`--strategy=mirrored`, which also
+exports there), and a job killed in an epoch resumes from its last
+checkpoint to the same result."""
 
 import json
 import os
@@ -18,8 +19,7 @@ import tf_mtl  # noqa: F401 (registers the saved classes)
 from test_resume import ENV, ROOT, _epochs_saved
 
 RUN = ["--method=mpps", "--dataset=synthetic", "--width=0.25", "--epochs=2",
-       "--batch_size=8", "--mpps_frozen_start=0", "--mpps_frozen_end=0", "--verbose=0",
-       "--noexport"]
+       "--batch_size=8", "--mpps_frozen_start=0", "--mpps_frozen_end=0", "--verbose=0"]
 # One process, two logical CPUs: a MirroredStrategy of two replicas.
 MIRRORED = ("import tensorflow as tf; cpu = tf.config.list_physical_devices('CPU')[0]; "
             "tf.config.set_logical_device_configuration("
@@ -42,7 +42,7 @@ def _workers(output_dir):
     cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
     return [subprocess.Popen(
         [sys.executable, "train.py", f"--output_dir={output_dir}",
-         "--strategy=multi_worker", *RUN],
+         "--strategy=multi_worker", "--noexport", *RUN],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**ENV, "TF_CONFIG": json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": index}})})
@@ -66,9 +66,13 @@ def _weights(path):
 @pytest.mark.slow
 def test_two_workers_train_as_one_mirrored_process_and_resume_after_a_kill(tmp_path):
     reference, job = tmp_path / "mirrored", tmp_path / "job"
-    subprocess.run([sys.executable, "-c", MIRRORED, f"--output_dir={reference}",
-                    "--strategy=mirrored", *RUN], check=True, cwd=ROOT, env=ENV,
-                   capture_output=True)
+    mirrored = subprocess.run([sys.executable, "-c", MIRRORED, f"--output_dir={reference}",
+                               "--strategy=mirrored", "--export", *RUN], cwd=ROOT, env=ENV,
+                              capture_output=True, text=True)
+    assert mirrored.returncode == 0, mirrored.stderr[-3000:]
+    assert "mirrored strategy: 2 replicas" in mirrored.stdout
+    assert (reference / "export" / "saved_model" / "saved_model.pb").is_file()
+    assert (reference / "export" / "model.tflite").stat().st_size > 0
 
     workers = _workers(job)
     deadline = time.time() + 300
