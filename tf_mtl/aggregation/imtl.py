@@ -14,9 +14,9 @@ class IMTLG(GramianAggregator):
     `sum_t alpha_t = 1`, whose projections onto every task's unit gradient
     `u_t = g_t / ||g_t||` are equal.
 
-    With G the Gram matrix and `D = diag(||g_t||)`, `g . u_t = (G alpha)_t /
-    ||g_t||`, so the condition reads `D^-1 G alpha = c 1`. It is solved on
-    the cosines `C = D^-1 G D^-1` as `beta = C^+ 1`, `alpha = D^-1 beta`
+    With G the Gram matrix and `N = diag(||g_t||)`, `g . u_t = (G alpha)_t /
+    ||g_t||`, so the condition reads `N^-1 G alpha = c 1`. It is solved on
+    the cosines `C = N^-1 G N^-1` as `beta = C^+ 1`, `alpha = N^-1 beta`
     normalised to sum to 1: eq. 9's closed form `alpha_{2:T} = g_1 U^T
     (D U^T)^{-1}` where G is invertible. The cosines' eigenvalues depend on
     the gradients' directions alone, so a task whose gradient is small
