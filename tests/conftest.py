@@ -75,15 +75,13 @@ def own_inference_results():
     import numpy as np
 
     from tf_mtl.backbones import run_layers
-    from tf_mtl.layers.base import tile_tasks, tiled_rows
+    from tf_mtl.layers.routes import Tiled
 
     def results(model, dataset):
         losses, hits = {}, {}
         for x, labels in dataset:
             for t, task in enumerate(model.tasks):
-                with tiled_rows([t]):
-                    features, _ = run_layers(model.backbone, x,
-                                             lambda rows: tile_tasks(rows, [t]), False)
+                features, _ = run_layers(model.backbone, x, Tiled([t]), False)
                 preds = model.heads[task.name](features, training=False)
                 y = labels[task.name]
                 losses.setdefault(task.name, []).append(task.loss(y, preds).numpy())

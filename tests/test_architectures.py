@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tf_mtl import backbones, data, methods
 from tf_mtl.layers import CrossStitch, ProgressiveMask
-from tf_mtl.layers.base import tile_tasks, tiled_rows
+from tf_mtl.layers.routes import Tiled
 from tf_mtl.methods.mtan import AttentionNetwork
 from tf_mtl.tasks import classification
 
@@ -26,7 +26,7 @@ def test_cross_stitch_mixes_the_columns_by_alpha():
     unit.alpha.assign(alpha)
     columns = np.random.RandomState(1).rand(3, 5, 2, 4).astype("float32")  # (T, B, ...)
     for order in [(0, 1, 2), (2, 0, 1)]:  # tiled blocks in any task order
-        with tiled_rows(order):
+        with Tiled(order).scope():
             x = np.concatenate([columns[t] for t in order])
             mixed = unit(x, np.repeat(order, 5)).numpy().reshape(3, 5, 2, 4)
         for k, t in enumerate(order):  # eq. 1: x~_t = sum_s alpha[t, s] x_s
@@ -39,7 +39,7 @@ def test_cross_stitch_refuses_rows_not_tiled_over_every_task():
     x = np.zeros((4, 3), "float32")
     with pytest.raises(ValueError, match="tiled over all 2 tasks"):
         unit(x, np.array([0, 1, 1, 0]))
-    with tiled_rows([1]), pytest.raises(ValueError, match=r"Received rows of tasks \(1,\)"):
+    with Tiled([1]).scope(), pytest.raises(ValueError, match=r"Received rows of tasks \(1,\)"):
         unit(x, np.ones(4, "int32"))
     with pytest.raises(ValueError, match="jointly labelled"):
         methods.cross_stitch(backbones.lenet, TASKS, (28, 28, 1), jointly_labelled=False)
@@ -112,9 +112,7 @@ def test_mtan_routed_pass_equals_each_tasks_own_pass(backbone):
     tiled, task_ids = model.features(x, training=True)  # batch statistics per task
     np.testing.assert_array_equal(task_ids, np.repeat([0, 1, 2], 4))
     for t in range(3):
-        with tiled_rows([t]):
-            own, _ = backbones.run_layers([net], x, functools.partial(tile_tasks, tasks=[t]),
-                                          True)
+        own, _ = backbones.run_layers([net], x, Tiled([t]), True)
         np.testing.assert_allclose(tiled[4 * t:4 * (t + 1)], own, rtol=1e-4, atol=1e-5)
 
 
@@ -170,3 +168,9 @@ def test_mtan_refuses_task_specific_layers_in_its_shared_network():
     with pytest.raises(ValueError, match="routing must be 'tiled'"):
         methods.attention_network(backbones.lenet(), TASKS, (28, 28, 1), routing="sequential")
 
+
+
+def test_mtan_attention_refuses_a_plain_call():
+    model = methods.attention_network(backbones.lenet(0.25), TASKS, (28, 28, 1))
+    with pytest.raises(ValueError, match="routes tasks in this mode"):
+        model.backbone[0](np.zeros((1, 28, 28, 1), "float32"))

@@ -1,7 +1,6 @@
 """The papers' backbones: shapes, sites, max-unpooling, routing through
 SegNet's carried pooling positions, per-task twins and reloading."""
 
-import functools
 
 import keras
 import numpy as np
@@ -11,7 +10,7 @@ import tensorflow as tf
 from tf_mtl import backbones, tasks
 from tf_mtl.backbones.papers import _unpool
 from tf_mtl.layers import ChannelPartition
-from tf_mtl.layers.base import tile_tasks, tiled_rows
+from tf_mtl.layers.routes import DataRouted, Tiled
 from tf_mtl.methods import hard_sharing
 
 
@@ -57,14 +56,10 @@ def test_segnet_routed_rows_carry_their_own_pooling_positions():
     (net,) = backbones.segnet(0.125)
     net.condition(3, ChannelPartition(2, sharing_ratio=0.5, seed=1))
     x = np.random.RandomState(0).rand(3, 32, 32, 3).astype("float32")
-    with tiled_rows([0, 1]):
-        tiled, task_ids = backbones.run_layers(
-            [net], x, functools.partial(tile_tasks, tasks=[0, 1]), True)
+    tiled, task_ids = backbones.run_layers([net], x, Tiled([0, 1]), True)
     np.testing.assert_array_equal(task_ids, [0, 0, 0, 1, 1, 1])
     for t in range(2):
-        with tiled_rows([t]):
-            own, _ = backbones.run_layers([net], x, functools.partial(tile_tasks, tasks=[t]),
-                                          True)
+        own, _ = backbones.run_layers([net], x, Tiled([t]), True)
         np.testing.assert_allclose(tiled[3 * t:3 * (t + 1)], own, rtol=1e-5, atol=1e-6)
     assert not np.allclose(tiled[:3], tiled[3:])
 
@@ -73,10 +68,10 @@ def test_per_task_twin_of_a_dilated_resnet_runs_each_tasks_weights():
     twin = backbones.resnet18(0.0625, output_stride=8, num_tasks=2)
     x = np.random.RandomState(0).rand(2, 32, 32, 3).astype("float32")
     task_ids = tf.constant([0, 1])
-    y, _ = backbones.run_layers(twin, x, lambda rows: (rows, task_ids), False)
+    y, _ = backbones.run_layers(twin, x, DataRouted(task_ids), False)
     assert y.shape == (2, 4, 4, 32)
     same_image = np.stack([x[0], x[0]])
-    y, _ = backbones.run_layers(twin, same_image, lambda rows: (rows, task_ids), False)
+    y, _ = backbones.run_layers(twin, same_image, DataRouted(task_ids), False)
     assert not np.allclose(y[0], y[1])  # two tasks, two sets of weights
 
 
@@ -96,3 +91,46 @@ def test_dense_models_on_paper_backbones_reload(backbone, tmp_path):
     after = reloaded(x)
     for name in before:
         np.testing.assert_allclose(before[name], after[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_block_that_routes_nothing_is_a_plain_keras_layer(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((8, 8, 2)), backbones.ConvUnit(4, pool_size=2),
+        backbones.ResidualUnit(6, strides=2), keras.layers.Flatten(), backbones.DenseUnit(5),
+        keras.layers.Dense(3)])
+    x = np.random.RandomState(0).rand(16, 8, 8, 2).astype("float32")
+    y = np.arange(16) % 3
+    model.compile("adam", "sparse_categorical_crossentropy")
+    before = model.predict(x, verbose=0)
+    model.fit(x, y, epochs=2, verbose=0)
+    after = model.predict(x, verbose=0)
+    assert not np.allclose(before, after)
+    model.save(tmp_path / "plain.keras")
+    reloaded = keras.saving.load_model(tmp_path / "plain.keras", safe_mode=True)
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), after, rtol=1e-6)
+
+
+def test_a_block_that_routes_refuses_a_plain_call():
+    x = np.zeros((2, 6), "float32")
+    with pytest.raises(ValueError, match="'twin' routes tasks in this mode"):
+        backbones.DenseUnit(4, num_tasks=2, name="twin")(x)
+    unit = backbones.DenseUnit(4, name="partitioned")
+    unit.condition(0, ChannelPartition(2, sharing_ratio=0.5))
+    with pytest.raises(ValueError, match="'partitioned' routes tasks"):
+        unit(x, training=False)
+
+
+def test_shared_stages_say_where_rows_enter_a_block():
+    assert backbones.DenseUnit(4, num_tasks=2).shared_stages(True) == 0  # before its layers
+    unit = backbones.ResidualUnit(4)
+    assert unit.shared_stages(True) == 3  # routes nothing: all of its stages
+    unit.condition(1, ChannelPartition(2, sharing_ratio=0.5))
+    assert unit.shared_stages(True) == 2  # its first two stages, then site 1
+    x = tf.random.stateless_uniform((2, 4, 4, 4), seed=(1, 1))
+    unit(x, None, route=Tiled(2), training=True)  # builds
+    state = unit.run_until(2, x, True)
+    split, ids = unit.run_from(2, state, None, True, Tiled(2))
+    whole, _ = unit(x, None, route=Tiled(2), training=True)
+    np.testing.assert_array_equal(ids, [0, 0, 1, 1])
+    np.testing.assert_allclose(split, whole, rtol=1e-6)

@@ -155,7 +155,7 @@ def test_per_task_twin_keeps_each_task_apart(backbone):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_batch_norm_on_tiled_rows_equals_the_routed_computation(training):
-    from tf_mtl.layers.base import tiled_rows
+    from tf_mtl.layers.routes import Tiled
 
     layers = [PerTaskBatchNormalization(3, momentum=0.8) for _ in range(2)]
     rng = np.random.RandomState(1)
@@ -166,7 +166,7 @@ def test_batch_norm_on_tiled_rows_equals_the_routed_computation(training):
     x = tf.random.stateless_normal((9, 3, 3, 4), seed=(4, 4)) * 2 + 1
     ids = tf.constant(LAYOUTS["tiled"])
     routed = layers[0](x, ids, training=training)
-    with tiled_rows(3):
+    with Tiled(3).scope():
         tiled = layers[1](x, ids, training=training)
     np.testing.assert_allclose(tiled, routed, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(layers[1].moving_variance, layers[0].moving_variance,
@@ -176,12 +176,12 @@ def test_batch_norm_on_tiled_rows_equals_the_routed_computation(training):
 @pytest.mark.parametrize("backbone", ["lenet", "resnet"])
 def test_twin_run_one_pass_per_task_equals_one_tiled_pass(backbone):
     from tf_mtl import backbones
-    from tf_mtl.layers.base import tile_tasks, tiled_rows
+    from tf_mtl.layers.routes import Tiled
 
     twin = backbones.BACKBONES[backbone](0.25, num_tasks=3)
     assert backbones.is_per_task(twin)
     x = tf.random.stateless_uniform((4, 28, 28, 1), seed=(1, 2))
-    backbones.run_tiled(twin, x, 3, training=False)  # builds
+    backbones.run_routed(twin, x, Tiled(3), training=False)  # builds
     initial = [w.numpy() for l in twin for w in l.weights]
 
     def run(one_pass_per_task):
@@ -189,10 +189,9 @@ def test_twin_run_one_pass_per_task_equals_one_tiled_pass(backbone):
             w.assign(value)
         with tf.GradientTape() as tape:
             if one_pass_per_task:
-                y, ids = backbones.run_tiled(twin, x, 3, training=True)
+                y, ids = backbones.run_routed(twin, x, Tiled(3), training=True)
             else:
-                with tiled_rows(3):
-                    y, ids = backbones.run_layers(twin, x, lambda r: tile_tasks(r, 3), True)
+                y, ids = backbones.run_layers(twin, x, Tiled(3), True)
             loss = tf.reduce_sum(y * tf.range(1.0, 1.0 + y.shape[-1]))
         variables = [v for l in twin for v in l.trainable_variables]
         return (y, ids, tape.gradient(loss, variables),

@@ -32,7 +32,7 @@ from tf_mtl.layers import (
     TaskConditioned,
     objective_scope,
 )
-from tf_mtl.layers.base import tile_tasks
+from tf_mtl.layers.routes import Tiled
 from tf_mtl.tasks import classification
 
 from helpers import INPUT_SHAPE, NAMES, dense_backbone, images, numpy_dataset, two_tasks
@@ -374,7 +374,7 @@ def test_sequential_routing_splits_a_block_at_its_site():
         return tf_mtl.MultiTaskModel(backbone, two_tasks(), INPUT_SHAPE, routing=routing)
 
     tiled, sequential = build("tiled"), build("sequential")
-    assert sequential.backbone[2].entry_site(True) == 1
+    assert sequential.backbone[2].shared_stages(True) == 2  # enters at site 1
     sequential.set_weights(tiled.get_weights())
     initial = tiled.get_weights()
     batch = next(iter(numpy_dataset(True, 8, 8)))
@@ -422,7 +422,7 @@ def test_residual_block_tiled_inside_equals_tiled_before(site):
     unit = backbones.ResidualUnit(4, strides=2)
     unit.condition(site, TaskBias(2))
     x = tf.constant(images(3)[..., :1].repeat(4, -1))
-    inside, ids = unit(x, None, training=False, route=lambda r: tile_tasks(r, 2))
+    inside, ids = unit(x, None, training=False, route=Tiled(2))
     before, _ = unit(tf.concat([x, x], 0), tf.constant([0, 0, 0, 1, 1, 1]),
                      training=False)
     np.testing.assert_array_equal(ids, [0, 0, 0, 1, 1, 1])

@@ -267,3 +267,9 @@ def test_bilevel_trains_on_data_not_jointly_labelled():
     model.compile(optimizer="adam")
     loss = model.fit(ds.train, heldout_data=ds.validation, epochs=1, verbose=0).history["loss"]
     assert np.isfinite(loss).all()
+
+
+def test_gated_encoders_refuse_a_plain_call():
+    encoders = methods.safe_sharing(BACKBONE, TASKS, SHAPE).backbone[0]
+    with pytest.raises(ValueError, match="routes tasks in this mode"):
+        encoders(np.zeros((1, *SHAPE), "float32"))

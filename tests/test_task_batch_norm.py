@@ -87,17 +87,17 @@ def test_rejects_what_it_cannot_keep_apart():
 
 @pytest.mark.parametrize("blocks", [3, [2], [0, 2]])
 def test_tiled_rows_equal_the_routed_computation(blocks):
-    from tf_mtl.layers.base import task_blocks, tiled_rows
+    from tf_mtl.layers.routes import Tiled
 
     layers = [TaskBatchNormalization(momentum=0.7) for _ in range(2)]
-    tasks = task_blocks(blocks)
+    tasks = Tiled(blocks).tasks
     x = tf.random.stateless_normal((3 * len(tasks), 4, 4, 5), seed=(2, 3)) * 2 + 1
     task_ids = tf.repeat(tf.constant(tasks), 3)
     for layer in layers:
         layer.build(x.shape)
         layer.moving_mean.assign(tf.fill([5], 0.3))
     routed = layers[0](x, task_ids, training=True)
-    with tiled_rows(blocks):
+    with Tiled(blocks).scope():
         tiled = layers[1](x, task_ids, training=True)
     np.testing.assert_allclose(tiled, routed, rtol=1e-5, atol=1e-5)
     for name in ("moving_mean", "moving_variance"):
@@ -107,12 +107,12 @@ def test_tiled_rows_equal_the_routed_computation(blocks):
 
 @pytest.mark.parametrize("tiled", [False, True])
 def test_per_task_statistics_are_each_tasks_own_pass_in_training_and_inference(tiled):
-    from tf_mtl.layers.base import tiled_rows
+    from tf_mtl.layers.routes import Tiled
 
     ours = TaskBatchNormalization(num_tasks=3, momentum=0.7)
     plains = [keras.layers.BatchNormalization(momentum=0.7) for _ in range(3)]
     task_ids = tf.repeat(tf.range(3), 4) if tiled else tf.constant([2, 0, 2, 1, 0, 2] * 2)
-    scope = lambda: tiled_rows(3) if tiled else contextlib.nullcontext()
+    scope = lambda: Tiled(3).scope() if tiled else contextlib.nullcontext()
     for step in range(3):  # each task's statistics move with its rows alone
         x = tf.random.stateless_normal((12, 2, 2, 5), seed=(step, 7)) * (step + 1) + step
         with scope():

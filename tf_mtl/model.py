@@ -9,8 +9,9 @@ import tensorflow as tf
 from tf_mtl import objective, task_gradients
 from tf_mtl import tasks as tasks_module
 from tf_mtl._keras import flatten_layers
-from tf_mtl.backbones import run_layers, run_tiled
-from tf_mtl.layers.base import deployed, objective_scope, tile_tasks
+from tf_mtl.backbones import run_routed
+from tf_mtl.layers.base import deployed, objective_scope
+from tf_mtl.layers.routes import DataRouted, Tiled
 from tf_mtl.routing import (
     ROUTINGS, check_routed_part, first_routed_layer, one_pass_gradients,
     sequential_gradients)
@@ -200,16 +201,11 @@ class MultiTaskModel(ConditionedTraining, keras.Model):
         A `tf_mtl.task_gradients.RepresentationTap` records where rows enter
         the routed part; with nothing routed in the backbone they enter it
         before the heads."""
-        if task_ids is not None:
-            route = lambda rows: (rows, task_ids)
-            route = tap.wrap(route) if tap else route
-            features, routed = run_layers(self.backbone, x, route, training)
-        else:
-            route = lambda rows: tile_tasks(rows, self.num_tasks)
-            features, routed = run_tiled(self.backbone, x, self.num_tasks, training,
-                                         tap and tap.wrap)
+        route = Tiled(self.num_tasks) if task_ids is None else DataRouted(task_ids)
+        route = tap.wrap(route) if tap else route
+        features, routed = run_routed(self.backbone, x, route, training)
         if tap is not None and routed is None:
-            features, routed = tap.wrap(route)(features)
+            features, routed = route(features)
         return features, task_ids if routed is None else routed
 
     def _heads(self, features, task_ids, training, tiled):

@@ -1,10 +1,13 @@
-"""How a training batch crosses the task-routed part (DESIGN.md, task-routed
-batches), and the gradients each way yields (`tf_mtl.task_gradients`).
+"""How a training step's batch crosses the task-routed part (DESIGN.md,
+task-routed batches; the routes are `tf_mtl.layers.routes`), and the
+gradients each way yields (`tf_mtl.task_gradients`).
 
-- `"tiled"`: one pass over the T x B tiled rows (`one_pass_gradients`).
-- `"sequential"`: the stem once, then one forward-backward pass of the routed
-  part and head per task, gradients accumulated (`sequential_gradients`):
-  the same FLOPs, activation memory close to hard sharing.
+- `"tiled"`: one pass over the T x B tiled rows, `Tiled(T)`, or over the
+  rows as the data routes them, `DataRouted` (`one_pass_gradients`).
+- `"sequential"`: the stem once, then one forward-backward pass of the
+  routed part and head per task, `Tiled([t])`, gradients accumulated
+  (`sequential_gradients`): the same FLOPs, activation memory close to hard
+  sharing.
 """
 
 import functools
@@ -13,7 +16,8 @@ import keras
 import tensorflow as tf
 
 from tf_mtl.backbones import Block, run_layers
-from tf_mtl.layers.base import TaskConditioned, objective_scope, tile_tasks, tiled_rows
+from tf_mtl.layers.base import TaskAware, TaskConditioned, objective_scope
+from tf_mtl.layers.routes import Tiled
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 from tf_mtl.task_gradients import (
     RepresentationTap, StepGradients, accumulate, flatten, parameter_gradients, scatter,
@@ -34,7 +38,7 @@ def first_routed_layer(backbone, training):
 
 
 def routes_tasks(layer, training):
-    return isinstance(layer, (Block, TaskConditioned)) and layer.routes_tasks(training)
+    return isinstance(layer, (Block, TaskAware)) and layer.routes_tasks(training)
 
 
 def check_routed_part(backbone):
@@ -97,20 +101,20 @@ def sequential_gradients(model, x, labels, first, weights, per_task):
     part per task (`routing="sequential"`).
 
     The stem, everything before the point where rows enter the routed part
-    (inside backbone layer `first` when that is a block entered at a site),
-    runs once; its gradients come from the tasks' summed gradients of its
+    (inside backbone layer `first` when that is a block entered at a site,
+    `Block.shared_stages`), runs once; its gradients come from the tasks' summed gradients of its
     output, or, with `per_task`, from their aggregate (on the
     representation: the stem's output; on the parameters: one backward pass
     of the stem per task).
     """
     backbone, variables = model.backbone, model.step_variables()
     block = backbone[first]
-    site = block.entry_site(True) if isinstance(block, Block) else -1
+    shared_stages = block.shared_stages(True) if isinstance(block, Block) else 0
     on_parameters = per_task and model.aggregate_on == "parameters"
     scale = model.optimizer.scale_loss
     with tf.GradientTape(persistent=on_parameters) as stem_tape:
         stem, _ = run_layers(backbone[:first], x, None, True)  # nothing routes
-        stem = block.run_until(site, stem, True) if site >= 0 else (stem,)
+        stem = block.run_until(shared_stages, stem, True) if shared_stages else (stem,)
     shared = model.shared_variable_indices() if on_parameters else []
     stem_grads = [tf.zeros_like(s) for s in stem]
     accumulated = [tf.zeros_like(v) for v in variables]
@@ -122,12 +126,13 @@ def sequential_gradients(model, x, labels, first, weights, per_task):
         # Task t starts once task t - 1 is done: its activations can go.
         with tf.control_dependencies(stem_grads + accumulated + rows_of_tasks):
             inputs = [tf.identity(s) for s in stem]
-        route = functools.partial(tile_tasks, tasks=[t])
+        route = Tiled([t])
         with tf.GradientTape(persistent=per_task) as tape:
             tape.watch(inputs)
-            with objective_scope() as scope, tiled_rows([t]):
-                if site >= 0:
-                    features, task_ids = block.run_from(site, inputs, None, True, route)
+            with objective_scope() as scope, route.scope():
+                if shared_stages:
+                    features, task_ids = block.run_from(shared_stages, inputs, None, True,
+                                                        route)
                     suffix = backbone[first + 1:]
                 else:
                     (features,), task_ids, suffix = inputs, None, backbone[first:]

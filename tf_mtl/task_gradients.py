@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
+from tf_mtl.layers.routes import Recorded
 from tf_mtl.objective import all_replicas_sum, num_replicas
 
 AGGREGATE_ON = ("parameters", "representation")
@@ -120,7 +121,7 @@ class RepresentationTap:
     their gradient there so the stem gets only the aggregated one.
 
     `wrap(route)` returns the route a forward pass uses instead of `route`
-    (`rows -> (routed rows, task of each)`). Routed row k of a source of B
+    (`tf_mtl.layers.routes`). Routed row k of a source of B
     rows copies source row `k mod B` (tiled: T blocks of B; data not jointly
     labelled: the rows themselves), so task t's gradient of the
     representation sums the gradients of its routed copies.
@@ -131,14 +132,13 @@ class RepresentationTap:
         self.sources, self.routed, self.task_ids = [], [], []
 
     def wrap(self, route):
-        def tapped(rows):
-            routed, task_ids = route(tf.stop_gradient(rows))
-            self.tape.watch(routed)  # cut from the variables, so not watched by itself
-            self.sources.append(rows)
-            self.routed.append(routed)
-            self.task_ids.append(task_ids)
-            return routed, task_ids
-        return tapped
+        return Recorded(route, self._record)
+
+    def _record(self, rows, routed, task_ids):
+        self.tape.watch(routed)  # cut from the variables, so not watched by itself
+        self.sources.append(rows)
+        self.routed.append(routed)
+        self.task_ids.append(task_ids)
 
     def jacobian(self, routed_gradients):
         """`(T, D)` from the gradients of the routed rows."""

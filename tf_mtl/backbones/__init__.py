@@ -9,10 +9,10 @@ lists its sites in forward order and `Block.condition` fills one.
 
 Blocks are called as `block(x, task_ids, training=..., route=route)` and
 return `(x, task_ids)`. Rows without a task yet (`task_ids` None) enter the
-routed part at the first site that needs task ids, through
-`route(x) -> (x, task_ids)` (tiling a jointly labelled batch, or the data's
-own task ids), so the convolution and normalisation before it run once for
-all tasks. From there on, normalisation uses each task's own batch
+routed part at the first site that needs task ids, through a route
+(`tf_mtl.layers.routes`: tiling a jointly labelled batch, or the data's own
+task ids), so the convolution and normalisation before it run once for
+all tasks. A block that routes nothing is a plain Keras layer, `block(x)`. From there on, normalisation uses each task's own batch
 statistics (`TaskBatchNormalization`): the routed rows of a task compute
 what that task's own pass would.
 
@@ -28,7 +28,7 @@ to them.
 
 from tf_mtl.backbones.blocks import (
     WEIGHTLESS, Block, BottleneckUnit, ConvUnit, DenseUnit, ResidualUnit, is_per_task,
-    run_layers, run_tiled, scaled, sites)
+    run_layers, run_routed, scaled, sites)
 from tf_mtl.backbones.papers import SegNet, resnet18, resnet34, resnet50, segnet, vgg16
 from tf_mtl.backbones.small import lenet, resnet
 from tf_mtl.layers.task_batch_norm import NORM_MOMENTUM
@@ -38,5 +38,5 @@ BACKBONES = {"lenet": lenet, "resnet": resnet, "resnet18": resnet18, "resnet34":
 
 __all__ = ["BACKBONES", "NORM_MOMENTUM", "WEIGHTLESS", "Block", "BottleneckUnit", "ConvUnit",
            "DenseUnit", "ResidualUnit", "SegNet", "is_per_task", "lenet", "resnet",
-           "resnet18", "resnet34", "resnet50", "run_layers", "run_tiled", "scaled",
+           "resnet18", "resnet34", "resnet50", "run_layers", "run_routed", "scaled",
            "segnet", "sites", "vgg16"]

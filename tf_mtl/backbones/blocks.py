@@ -1,11 +1,13 @@
 """Blocks with conditioning sites, and how a backbone (a list of layers) runs."""
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
 from tf_mtl._keras import flatten_layers
-from tf_mtl.layers.base import (
-    TaskConditioned, apply_conditioned, task_blocks, tile_tasks, tiled_rows)
+from tf_mtl.layers.base import TaskAware, apply_task_aware
+from tf_mtl.layers.routes import Tiled
 from tf_mtl.layers.passing import check_spec, layer_passing
 from tf_mtl.layers.per_task import (
     PerTaskBatchNormalization,
@@ -17,8 +19,8 @@ from tf_mtl.layers.task_batch_norm import NORM_MOMENTUM, TaskBatchNormalization
 
 
 def _apply(layer, x, task_ids, training):
-    """Calls a plain layer on `x`, a task-aware one on `(x, task_ids)`."""
-    if isinstance(layer, (TaskConditioned, TaskBatchNormalization)):
+    """Calls a plain layer on `x`, a `TaskAware` one on `(x, task_ids)`."""
+    if isinstance(layer, TaskAware):
         return layer(x, task_ids, training=training)
     return layer(x, training=training)
 
@@ -34,10 +36,14 @@ class Block(keras.layers.Layer):
     `(state, task_ids, training)` to the next state, a tuple whose first
     tensor is what the next site sees (the rest, e.g. a residual branch,
     rides along and is routed with it). So the model can start a block's
-    routed part at the site where its rows enter it (`run_until` /
-    `run_from`: sequential routing runs the part before once). A block
-    that cannot be split overrides `call` and routes its rows before its
-    first layer (`entry_site` -1).
+    routed part at the site where its rows enter it (`shared_stages`,
+    `run_until` / `run_from`: sequential routing runs the part before once).
+    A block that cannot be split overrides `call` and routes its rows
+    before its first layer.
+
+    Called as `block(x, task_ids, training=..., route=route)` it returns
+    `(x, task_ids)` (`tf_mtl.layers.routes`); called as `block(x)`, a block
+    that routes nothing in that mode is a plain Keras layer returning `x`.
     """
 
     site_channels = ()
@@ -96,16 +102,18 @@ class Block(keras.layers.Layer):
         return bool(self.num_tasks) or any(
             l.routes_tasks(training) for l in self.conditioned.values())
 
-    def entry_site(self, training):
-        """Where rows without a task enter this block's routed part: -1
-        before its first layer (a per-task block, or one without stages),
-        the number of its first site that routes, or None (no routing)."""
-        if not self.routes_tasks(training):
-            return None
+    def shared_stages(self, training):
+        """How many of the block's stages run on rows without a task before
+        its rows enter the routed part in this mode: 0 where they enter
+        before its first layer (a per-task block; a block without stages
+        runs as a whole), s + 1 where they enter at site s (its first
+        conditioned layer that routes), and all of them where it routes
+        nothing."""
         if self.num_tasks or type(self).stages is Block.stages:
-            return -1
-        return min(int(site) for site, layer in self.conditioned.items()
-                   if layer.routes_tasks(training))
+            return 0
+        routing = [int(site) for site, layer in self.conditioned.items()
+                   if layer.routes_tasks(training)]
+        return min(routing) + 1 if routing else len(self.stages())
 
     def stages(self):
         """The computation between the sites (see the class docstring)."""
@@ -114,26 +122,33 @@ class Block(keras.layers.Layer):
             "`call` (the block is then routed before its first layer).")
 
     def call(self, x, task_ids=None, training=None, route=None):
+        if task_ids is None and route is None:
+            if self.routes_tasks(training):
+                raise ValueError(
+                    f"{type(self).__name__} {self.name!r} routes tasks in this mode "
+                    f"(training={training}): call it as `block(x, task_ids, route=...)` "
+                    "or run it in a `tf_mtl.MultiTaskModel`.")
+            return self.run_from(0, (x,), None, training, None)[0]
         if self.num_tasks and task_ids is None:  # routed before the first layer
             x, task_ids = route(x)
-        return self.run_from(-1, (x,), task_ids, training, route)
+        return self.run_from(0, (x,), task_ids, training, route)
 
-    def run_until(self, site, x, training):
-        """The state at site `site` (before it) of rows without a task."""
+    def run_until(self, stages, x, training):
+        """The state after the first `stages` stages of rows without a task."""
         state = (x,)
-        for stage in self.stages()[:site + 1]:
+        for stage in self.stages()[:stages]:
             state = stage(state, None, training)
         return state
 
-    def run_from(self, site, state, task_ids, training, route):
-        """Runs the block from site `site` (its conditioned layer, then the
-        stages after it; -1: from the first stage) on `state`; returns the
-        output and the task of each row (None if not routed)."""
+    def run_from(self, stage, state, task_ids, training, route):
+        """Runs the block on `state` from stage `stage` (the site before it,
+        then the stages and sites after it); returns the output and the
+        task of each row (None if not routed)."""
         stages = self.stages()
-        for s in range(site, len(stages) - 1):
-            if s >= 0:
-                state, task_ids = self._site(s, state, task_ids, training, route)
-            state = stages[s + 1](state, task_ids, training)
+        for s in range(stage, len(stages)):
+            if s > 0:
+                state, task_ids = self._site(s - 1, state, task_ids, training, route)
+            state = stages[s](state, task_ids, training)
         return state[0], task_ids
 
     def conditioned_layers(self):
@@ -158,7 +173,7 @@ class Block(keras.layers.Layer):
         layer = self.conditioned.get(str(site))
         if layer is None:
             return state, task_ids
-        x, routed = apply_conditioned(layer, state[0], task_ids, training, route)
+        x, routed = apply_task_aware(layer, state[0], task_ids, training, route)
         carried = state[1:]
         if task_ids is None and routed is not None:  # the rest enters with it
             carried = [route(tensor)[0] for tensor in carried]
@@ -385,42 +400,33 @@ class BottleneckUnit(ResidualUnit):
 
 def run_layers(layers, x, route, training, task_ids=None):
     """Runs a backbone (a list of layers) on `x`; rows without a task yet
-    (`task_ids` None) enter the routed part through `route` at the first
-    layer that routes in this mode. Returns the output and the task of each
-    row once routed (None before)."""
-    for layer in layers:
-        if isinstance(layer, Block):
-            x, task_ids = layer(x, task_ids, training=training, route=route)
-        elif isinstance(layer, TaskConditioned):
-            x, task_ids = apply_conditioned(layer, x, task_ids, training, route)
-        elif isinstance(layer, TaskBatchNormalization):
-            x = layer(x, task_ids, training=training)
-        else:
-            x = layer(x, training=training)
+    (`task_ids` None) enter the routed part through `route`
+    (`tf_mtl.layers.routes`) at the first layer that routes in this mode,
+    the layers after traced in `route.scope()`. Returns the output and the
+    task of each row once routed (None before)."""
+    with route.scope() if route is not None else contextlib.nullcontext():
+        for layer in layers:
+            if isinstance(layer, Block) and (route is not None or task_ids is not None):
+                x, task_ids = layer(x, task_ids, training=training, route=route)
+            elif isinstance(layer, TaskAware):
+                x, task_ids = apply_task_aware(layer, x, task_ids, training, route)
+            else:
+                x = layer(x, training=training)
     return x, task_ids
 
 
-def run_tiled(layers, x, tasks, training, wrap=None):
-    """`run_layers` on a jointly labelled batch serving `tasks` (T: tasks
-    0 .. T-1; or a sequence of task ids): tiled at the first layer that
-    routes (`tile_tasks`), through `wrap(route)` when given (a
-    `tf_mtl.task_gradients.RepresentationTap` recording the rows).
+def run_routed(layers, x, route, training):
+    """`run_layers` on rows without a task yet.
 
-    A per-task twin (`is_per_task(layers)`) shares nothing between tasks,
-    so it runs instead as one pass of B rows per task, each on `x` itself:
-    the same values, without the split and concatenation of the T x B rows
-    around every layer (what T separate models cost).
+    A per-task twin (`is_per_task(layers)`) on tiled rows shares nothing
+    between tasks, so it runs instead as one pass of B rows per task, each
+    on `x` itself: the same values, without the split and concatenation of
+    the T x B rows around every layer (what T separate models cost).
     """
-    if not is_per_task(layers):
-        route = lambda rows: tile_tasks(rows, tasks)
-        with tiled_rows(tasks):
-            return run_layers(layers, x, wrap(route) if wrap else route, training)
-    outputs = []
-    for task in task_blocks(tasks):
-        with tiled_rows([task]):
-            outputs.append(run_layers(layers, x, lambda rows: tile_tasks(rows, [task]),
-                                      training)[0])
-    task_ids = tf.constant(task_blocks(tasks), tf.int32)
+    if route.tasks is None or not is_per_task(layers):
+        return run_layers(layers, x, route, training)
+    outputs = [run_layers(layers, x, Tiled([task]), training)[0] for task in route.tasks]
+    task_ids = tf.constant(route.tasks, tf.int32)
     return tf.concat(outputs, axis=0), tf.repeat(task_ids, tf.shape(x)[0])
 
 

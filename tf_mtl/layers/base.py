@@ -1,5 +1,6 @@
-"""The contract every task-conditioned layer follows, and the objective scope
-through which such a layer adds its own terms to a training step."""
+"""The protocol every task-aware layer follows (`TaskAware`), the contract
+of task-conditioned layers, and the objective scope through which such a
+layer adds its own terms to a training step."""
 
 import contextlib
 import threading
@@ -8,25 +9,6 @@ import keras
 import tensorflow as tf
 
 from tf_mtl._keras import flatten_layers
-
-
-def tile_tasks(features, tasks):
-    """Repeats a batch once per task: rows `[k*B, (k+1)*B)` belong to the
-    k-th task of `tasks` (T: tasks 0 .. T-1; or a sequence of task ids).
-
-    This is where a jointly labelled batch enters the task-conditioned part
-    of a backbone: everything before it ran once for all tasks.
-    """
-    blocks = task_blocks(tasks)
-    task_ids = tf.repeat(tf.constant(blocks, tf.int32), tf.shape(features)[0])
-    return tf.concat([features] * len(blocks), axis=0), task_ids
-
-
-def task_blocks(tasks):
-    """`tasks` (T, or a sequence of task ids) as a tuple of task ids."""
-    if isinstance(tasks, int):
-        return tuple(range(tasks))
-    return tuple(int(t) for t in tasks)
 
 
 # The scopes of the training steps being traced, one stack per thread:
@@ -79,34 +61,26 @@ def objective_scope():
         stack.pop()
 
 
-@contextlib.contextmanager
-def tiled_rows(tasks):
-    """Declares the routed rows of the forward pass traced inside tiled
-    (`tile_tasks(x, tasks)`): equal, contiguous blocks, the k-th holding
-    the rows of the k-th task of `tasks` (T: tasks 0 .. T-1; or task ids,
-    e.g. `[t]` for a pass of task t alone). Layers that hold per-task state
-    then split the rows instead of partitioning them by id: the same values,
-    fewer ops, and graphs TFLite converts without Flex ops (no
-    DynamicPartition / DynamicStitch)."""
-    stack = _scopes.__dict__.setdefault("tiled", [])
-    stack.append(task_blocks(tasks))
-    try:
-        yield
-    finally:
-        stack.pop()
+class TaskAware:
+    """The protocol of every layer that reads the task of each row.
+
+    Such a layer is called as `layer(x, task_ids, training=...)`, where
+    `task_ids` is an int32 vector giving the task of every row of `x`, or
+    None for rows that have no task yet (a stem every task computes alike).
+    `routes_tasks(training)` says whether it needs the rows' tasks in this
+    mode: before the first layer that does, rows enter the routed part
+    (`tf_mtl.layers.routes`). Where it does not, a layer with
+    `identity_unless_routing` is the identity and is skipped
+    (`apply_task_aware`); any other computes on the rows as they are.
+    """
+
+    identity_unless_routing = True
+
+    def routes_tasks(self, training):
+        return True
 
 
-def tiled_tasks(num_tasks=None):
-    """The task of each block of the rows being traced (`tiled_rows`), or
-    None when they are not tiled or hold a task that a layer of `num_tasks`
-    tasks does not have."""
-    stack = getattr(_scopes, "tiled", None)
-    if stack and (num_tasks is None or max(stack[-1]) < num_tasks):
-        return stack[-1]
-    return None
-
-
-class TaskConditioned(keras.layers.Layer):
+class TaskConditioned(TaskAware, keras.layers.Layer):
     """Base class of layers whose behaviour depends on the task of each example.
 
     A conditioned layer is called as `layer(x, task_ids, training=...)`, where
@@ -148,9 +122,6 @@ class TaskConditioned(keras.layers.Layer):
         if self.float32_state:
             kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-
-    def routes_tasks(self, training):
-        return True
 
     def record(self, state):
         """Hands `state` to the objective scope of the step being traced,
@@ -238,14 +209,27 @@ def task_weights(row_weights, task_ids, num_tasks):
     return tf.math.unsorted_segment_sum(row_weights, task_ids, num_tasks)
 
 
-def apply_conditioned(layer, x, task_ids, training, route):
-    """Calls a conditioned layer where it routes tasks, first entering the
-    routed part (`route(x) -> (x, task_ids)`) when the rows have no task yet
-    (`task_ids` None); returns `(x, task_ids)`. Where the layer does not
-    route it is the identity and is not traced at all (no mask op in an
-    inference graph)."""
+def apply_task_aware(layer, x, task_ids, training, route):
+    """Calls a `TaskAware` layer by its protocol, first entering the routed
+    part (`route(x) -> (x, task_ids)`) where the layer routes tasks and the
+    rows have no task yet (`task_ids` None); returns `(x, task_ids)`. A
+    layer that is the identity unless it routes is, where it does not, not
+    traced at all (no mask op in an inference graph)."""
     if not layer.routes_tasks(training):
-        return x, task_ids
-    if task_ids is None:
+        if layer.identity_unless_routing:
+            return x, task_ids
+    elif task_ids is None:
         x, task_ids = route(x)
     return layer(x, task_ids, training=training), task_ids
+
+
+def broadcast_rows(per_row, spatial_dims):
+    """`(N, C)` -> `(N, 1, ..., 1, C)` to broadcast over the spatial axes."""
+    return tf.reshape(per_row, [-1] + [1] * spatial_dims + [per_row.shape[-1]])
+
+
+def mask_channels(x, row_masks):
+    """`x_i * m_i` for every row i, channels last: `row_masks` `(N, C)`
+    scales each row's channels (a task's mask or partition, gathered per
+    row)."""
+    return x * broadcast_rows(tf.cast(row_masks, x.dtype), len(x.shape) - 2)

@@ -5,7 +5,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_mtl.layers.base import TaskConditioned, tiled_tasks
+from tf_mtl.layers.base import TaskConditioned
+from tf_mtl.layers.routes import tiled_tasks
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
@@ -22,9 +23,9 @@ class CrossStitch(TaskConditioned):
 
     The one place a model may mix rows of different tasks, because the
     method is that mixing: it needs every task's row of every example, so
-    it runs on tiled, jointly labelled rows (`tf_mtl.layers.base.
-    tiled_rows` holding all T tasks), as the columns of `methods.
-    cross_stitch` give it.
+    it runs on jointly labelled rows tiled over all T tasks
+    (`tf_mtl.layers.routes.Tiled`), as the columns of `methods.cross_stitch`
+    give it.
 
     Args:
         num_tasks: T (>= 2).

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_mtl.layers.base import TaskConditioned
+from tf_mtl.layers.base import TaskConditioned, mask_channels
 
 SELECTIONS = ("random", "least_aligned")
 
@@ -85,8 +85,7 @@ class ChannelPartition(TaskConditioned):
         return True  # each task's own mask, in training and at inference
 
     def call(self, x, task_ids, training=None):
-        mask = tf.gather(tf.cast(self.partition, x.dtype), tf.cast(task_ids, tf.int32))
-        return x * tf.reshape(mask, [-1] + [1] * (len(x.shape) - 2) + [mask.shape[-1]])
+        return mask_channels(x, tf.gather(self.partition, tf.cast(task_ids, tf.int32)))
 
     def compute_output_shape(self, x_shape, task_ids_shape=None):
         return x_shape

@@ -17,7 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_mtl.layers.base import TaskConditioned, tiled_tasks
+from tf_mtl.layers.base import TaskConditioned
+from tf_mtl.layers.routes import tiled_tasks
 from tf_mtl.layers.passing import (
     check_passing,
     matrix_size,
@@ -29,7 +30,7 @@ from tf_mtl.layers.task_batch_norm import task_normalization, update_task_statis
 
 def per_task(x, task_ids, num_tasks, apply):
     """`apply(t, rows_of_task_t)` on each task's rows, stitched back in order
-    (split and concatenated where the rows are tiled, `tiled_rows`)."""
+    (split and concatenated where the rows are tiled, `tiled_tasks`)."""
     blocks = tiled_tasks(num_tasks)
     if blocks is not None:
         return tf.concat([apply(t, part) for t, part in

@@ -10,7 +10,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_mtl.layers.base import TaskConditioned, draw_counter, next_seed, task_weights
+from tf_mtl.layers.base import (
+    TaskConditioned, draw_counter, mask_channels, next_seed, task_weights)
 
 tfd = tfp.distributions
 
@@ -335,9 +336,7 @@ class ProgressiveMask(TaskConditioned):
             if log_prob is not None:
                 log_prob = tf.gather(log_prob, task_ids)
         self.record((log_prob, task_ids))
-        channels = mask.shape[-1]
-        mask = tf.reshape(mask, [-1] + [1] * (len(x.shape) - 2) + [channels])
-        return x * tf.cast(mask, x.dtype)
+        return mask_channels(x, mask)
 
     objective_name = "kl"  # its terms' value is eq. (3)'s beta * KL (the surrogate is 0)
 

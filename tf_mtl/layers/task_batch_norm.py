@@ -3,7 +3,8 @@
 import keras
 import tensorflow as tf
 
-from tf_mtl.layers.base import tiled_tasks
+from tf_mtl.layers.base import TaskAware, broadcast_rows
+from tf_mtl.layers.routes import tiled_tasks
 
 
 # The backbones' and heads' momentum, the papers' PyTorch 0.1 in Keras'
@@ -13,7 +14,7 @@ NORM_MOMENTUM = 0.9
 
 
 @keras.saving.register_keras_serializable(package="tf_mtl")
-class TaskBatchNormalization(keras.layers.BatchNormalization):
+class TaskBatchNormalization(TaskAware, keras.layers.BatchNormalization):
     """Batch normalisation whose statistics are each task's own.
 
     The papers run one forward pass per task (MPPS 4.4, Maximum Roaming 3);
@@ -50,9 +51,12 @@ class TaskBatchNormalization(keras.layers.BatchNormalization):
       `MultiTaskModel` sets `num_tasks` on the layers of a backbone whose
       inference routes tasks.
 
-    Where the rows are tiled (`tiled_rows`) each task's block is normalised
-    on its own, by static slices: no gathers, nothing TFLite needs Flex ops
-    for.
+    Where the rows are tiled (`tf_mtl.layers.routes.Tiled`) each task's
+    block is normalised on its own, by static slices: no gathers, nothing
+    TFLite needs Flex ops for.
+
+    A `TaskAware` layer that routes nothing: it reads the rows' tasks where
+    they have them and normalises rows without one as they are.
 
     Args:
         num_tasks: None (pooled moving statistics) or T (each task's own).
@@ -70,6 +74,11 @@ class TaskBatchNormalization(keras.layers.BatchNormalization):
         if num_tasks is not None and int(num_tasks) < 1:
             raise ValueError(f"`num_tasks` must be None or >= 1. Received: num_tasks={num_tasks}")
         self.num_tasks = None if num_tasks is None else int(num_tasks)
+
+    identity_unless_routing = False
+
+    def routes_tasks(self, training):
+        return False
 
     def keep_task_statistics(self, num_tasks):
         """Gives each of `num_tasks` tasks its own moving statistics (see
@@ -148,7 +157,7 @@ def task_normalization(x, task_ids, num_tasks, gamma, beta, epsilon, statistics=
 
     Args:
         x: `(N, ..., C)` float32, channels last.
-        task_ids: `(N,)`; unread where the rows are tiled (`tiled_rows`),
+        task_ids: `(N,)`; unread where the rows are tiled (`tiled_tasks`),
             whose blocks are normalised by static slices instead.
         num_tasks: T, or None: the largest task id present, plus one.
         gamma, beta: `(C,)`, shared by the tasks, or `(T, C)`, each task's.
@@ -192,7 +201,7 @@ def update_task_statistics(moving_mean, moving_variance, mean, variance, present
 
 
 def block_moments(x, blocks, num_tasks):
-    """Tiled rows, block k of task `blocks[k]` (`tiled_rows`): the blocks,
+    """Tiled rows, block k of task `blocks[k]` (`tiled_tasks`): the blocks,
     each block's moments, and every task's mean and variance `(T, C)` (any
     block's where the task has none) and which tasks have rows, `(T,)`."""
     parts = tf.split(x, len(blocks))
@@ -227,7 +236,3 @@ def normalize(x, task_ids, mean, variance, epsilon):
     return (x - broadcast_rows(tf.gather(mean, task_ids), spatial)) * broadcast_rows(
         tf.gather(tf.math.rsqrt(variance + epsilon), task_ids), spatial)
 
-
-def broadcast_rows(per_row, spatial_dims):
-    """`(N, C)` -> `(N, 1, ..., 1, C)` to broadcast over the spatial axes."""
-    return tf.reshape(per_row, [-1] + [1] * spatial_dims + [per_row.shape[-1]])

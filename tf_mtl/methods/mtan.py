@@ -27,6 +27,7 @@ import keras
 
 from tf_mtl.backbones import NORM_MOMENTUM, WEIGHTLESS, Block, DenseUnit, run_layers
 from tf_mtl.layers.per_task import PerTaskBatchNormalization, PerTaskConv2D, PerTaskDense
+from tf_mtl.layers.routes import DataRouted
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 from tf_mtl.methods.method import Method
 from tf_mtl.model import MultiTaskModel
@@ -100,7 +101,9 @@ class AttentionNetwork(Block):
         pass
 
     def call(self, x, task_ids=None, training=None, route=None):
-        enter = route if task_ids is None else (lambda rows: (rows, task_ids))
+        if task_ids is None and route is None:
+            return super().call(x, training=training)  # refused: it routes
+        enter = route if task_ids is None else DataRouted(task_ids)
         modules = iter(self.modules)
         attended = None  # a^_t of the last block, on the routed rows
         for i, layer in enumerate(self.shared):
@@ -112,8 +115,8 @@ class AttentionNetwork(Block):
                 continue
             if not layer.built:  # run by stages, not called: build it as a call would
                 layer.build(x.shape)
-            state = layer.run_until(0, x, training)
-            x, _ = layer.run_from(0, state, None, training, route)
+            state = layer.run_until(1, x, training)
+            x, _ = layer.run_from(1, state, None, training, route)
             (u, task_ids), (p, _) = enter(_pooled(state[0], x, layer)), enter(x)
             f, g, h = next(modules)
             if f is not None:

@@ -20,9 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_mtl.backbones import Block, run_layers, run_tiled
+from tf_mtl.backbones import Block, run_layers, run_routed
 from tf_mtl.bilevel import hypergradients
-from tf_mtl.layers.base import tiled_tasks
 from tf_mtl.layers.gate import EncoderGate
 from tf_mtl.methods.method import Method
 from tf_mtl.model import MultiTaskModel
@@ -54,10 +53,11 @@ class GatedEncoders(Block):
         return True
 
     def call(self, x, task_ids=None, training=None, route=None):
+        if task_ids is None and route is None:
+            return super().call(x, training=training)  # refused: it routes
         shared, _ = run_layers(self.public, x, route, training, task_ids)
-        tiled = tiled_tasks()
-        if task_ids is None and tiled is not None:  # jointly labelled rows
-            private, routed = run_tiled(self.private, x, tiled, training)
+        if task_ids is None:
+            private, routed = run_routed(self.private, x, route, training)
         else:
             private, routed = run_layers(self.private, x, route, training, task_ids)
         if task_ids is None:
