@@ -116,7 +116,7 @@ class _Interrupt(keras.callbacks.Callback):
             raise RuntimeError("interrupted")
 
 
-def _run(method, backup_dir, callbacks=(), epochs=3):
+def _run(method, backup_dir, callbacks=(), epochs=2):
     keras.utils.set_random_seed(0)
     ds = data.load("synthetic", batch_size=32, seed=1)
     tasks = [classification(n, k) for n, k in ds.task_classes.items()]
@@ -149,14 +149,21 @@ def _run(method, backup_dir, callbacks=(), epochs=3):
     return model, method_callbacks
 
 
+# The kill falls in epoch 1, after the first checkpoint; a third epoch where
+# the state checked needs one after the resumed epoch (DWA's weights, PPNet's
+# second adjacent phase).
+EPOCHS = {"mpps_dwa_pcgrad": 3, "ppnet": 3}
+
+
 @pytest.mark.parametrize("method", ["mpps", "mpps_dwa_pcgrad", "lsmtl", "lsmtl_bilevel",
                                     "mr", "ppnet", "hps_auto_lambda"])
 def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(method,
                                                                           tmp_path):
-    reference, ref_callbacks = _run(method, str(tmp_path / "a"))
+    epochs = EPOCHS.get(method, 2)
+    reference, ref_callbacks = _run(method, str(tmp_path / "a"), epochs=epochs)
     with pytest.raises(RuntimeError, match="interrupted"):
-        _run(method, str(tmp_path / "b"), [_Interrupt(epoch=1, batch=3)])
-    resumed, callbacks = _run(method, str(tmp_path / "b"))  # a fresh model
+        _run(method, str(tmp_path / "b"), [_Interrupt(epoch=1, batch=3)], epochs=epochs)
+    resumed, callbacks = _run(method, str(tmp_path / "b"), epochs=epochs)  # a fresh model
     # Bit for bit (CPU): weights, Phi, targets, draw counts, baselines, gates.
     for a, b in zip(reference.weights, resumed.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
@@ -174,7 +181,7 @@ def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(metho
         return
     if method == "mr":  # an update every 2 of the 8 steps of each epoch
         assert [int(p.updates.numpy()) for p in resumed.conditioned_layers] == [
-            min(12, p.plan_length()) for p in resumed.conditioned_layers]
+            min(4 * epochs, p.plan_length()) for p in resumed.conditioned_layers]
         return
     if method == "ppnet":  # the phase resumed in was trained: its affinity is recorded
         assert [h["epoch"] for h in callbacks[0].history] == [1, 2]
@@ -190,7 +197,7 @@ def test_backup_and_restore_in_the_middle_of_an_epoch_equals_uninterrupted(metho
     # Every step's draws, once: MPPS's sequential routing draws in each of
     # the 2 tasks' passes.
     per_step = 2 if method == "mpps" else 1
-    assert int(random_layer.draws.numpy()) == 3 * 8 * per_step
+    assert int(random_layer.draws.numpy()) == epochs * 8 * per_step
     if method == "mpps":
         assert callbacks[0].history[-1]["ec"] == pytest.approx(
             ref_callbacks[0].history[-1]["ec"])
