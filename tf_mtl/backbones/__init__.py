@@ -26,9 +26,9 @@ ResNet), `tf_mtl.backbones.papers` those of the papers' experiments
 to them.
 """
 
+from tf_mtl.backbones.backbone import WEIGHTLESS, is_per_task, run_layers, run_routed, sites
 from tf_mtl.backbones.blocks import (
-    WEIGHTLESS, Block, BottleneckUnit, ConvUnit, DenseUnit, ResidualUnit, is_per_task,
-    run_layers, run_routed, scaled, sites)
+    Block, BottleneckUnit, ConvUnit, DenseUnit, ResidualUnit, scaled)
 from tf_mtl.backbones.papers import SegNet, resnet18, resnet34, resnet50, segnet, vgg16
 from tf_mtl.backbones.small import lenet, resnet
 from tf_mtl.layers.task_batch_norm import NORM_MOMENTUM

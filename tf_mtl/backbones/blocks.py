@@ -1,19 +1,15 @@
-"""Blocks with conditioning sites, and how a backbone (a list of layers) runs."""
-
-import contextlib
+"""Blocks: backbone layers with conditioning sites (`Block`), and the units
+the backbones are made of."""
 
 import keras
-import tensorflow as tf
 
 from tf_mtl._keras import flatten_layers
 from tf_mtl.layers.base import TaskAware, apply_task_aware
-from tf_mtl.layers.routes import Tiled
 from tf_mtl.layers.passing import check_spec, layer_passing
 from tf_mtl.layers.per_task import (
     PerTaskBatchNormalization,
     PerTaskConv2D,
     PerTaskDense,
-    PerTaskLayer,
 )
 from tf_mtl.layers.task_batch_norm import NORM_MOMENTUM, TaskBatchNormalization
 
@@ -398,67 +394,8 @@ class BottleneckUnit(ResidualUnit):
         return self.norm3(h, task_ids, training=training), skip
 
 
-def run_layers(layers, x, route, training, task_ids=None):
-    """Runs a backbone (a list of layers) on `x`; rows without a task yet
-    (`task_ids` None) enter the routed part through `route`
-    (`tf_mtl.layers.routes`) at the first layer that routes in this mode,
-    the layers after traced in `route.scope()`. Returns the output and the
-    task of each row once routed (None before)."""
-    with route.scope() if route is not None else contextlib.nullcontext():
-        for layer in layers:
-            if isinstance(layer, Block) and (route is not None or task_ids is not None):
-                x, task_ids = layer(x, task_ids, training=training, route=route)
-            elif isinstance(layer, TaskAware):
-                x, task_ids = apply_task_aware(layer, x, task_ids, training, route)
-            else:
-                x = layer(x, training=training)
-    return x, task_ids
-
-
-def run_routed(layers, x, route, training):
-    """`run_layers` on rows without a task yet.
-
-    A per-task twin (`is_per_task(layers)`) on tiled rows shares nothing
-    between tasks, so it runs instead as one pass of B rows per task, each
-    on `x` itself: the same values, without the split and concatenation of
-    the T x B rows around every layer (what T separate models cost).
-    """
-    if route.tasks is None or not is_per_task(layers):
-        return run_layers(layers, x, route, training)
-    outputs = [run_layers(layers, x, Tiled([task]), training)[0] for task in route.tasks]
-    task_ids = tf.constant(route.tasks, tf.int32)
-    return tf.concat(outputs, axis=0), tf.repeat(task_ids, tf.shape(x)[0])
-
-
-# Layers that hold no weight: a per-task twin may have them.
-WEIGHTLESS = (keras.layers.Flatten, keras.layers.Activation, keras.layers.Dropout,
-              keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
-              keras.layers.GlobalAveragePooling2D, keras.layers.Reshape)
-
-
-def is_per_task(layers):
-    """Whether no weight of `layers` serves more than one task: per-task
-    blocks without sites, per-task layers and weightless layers only."""
-    def per_task(layer):
-        if isinstance(layer, Block):
-            return bool(layer.num_tasks) and not layer.conditioned
-        return isinstance(layer, (PerTaskLayer, *WEIGHTLESS))
-
-    layers = list(layers)
-    return any(not isinstance(l, WEIGHTLESS) for l in layers) and all(map(per_task, layers))
-
-
 def scaled(channels, width):
     """`channels` times the width multiplier, at least 1."""
     if not width > 0:
         raise ValueError(f"`width` must be > 0. Received: width={width}")
     return max(1, round(channels * width))
-
-
-def sites(backbone):
-    """Every `(block, site, channels)` of a backbone, in forward order."""
-    return [
-        (block, site, channels)
-        for block in backbone if isinstance(block, Block)
-        for site, channels in enumerate(block.site_channels)
-    ]
