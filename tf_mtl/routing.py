@@ -102,7 +102,8 @@ def sequential_gradients(model, x, labels, first, weights, per_task):
 
     The stem, everything before the point where rows enter the routed part
     (inside backbone layer `first` when that is a block entered at a site,
-    `Block.shared_stages`), runs once; its gradients come from the tasks' summed gradients of its
+    `Block.shared_stages`), runs once; its gradients come from the tasks'
+    summed gradients of its
     output, or, with `per_task`, from their aggregate (on the
     representation: the stem's output; on the parameters: one backward pass
     of the stem per task).

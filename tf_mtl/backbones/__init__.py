@@ -12,9 +12,10 @@ return `(x, task_ids)`. Rows without a task yet (`task_ids` None) enter the
 routed part at the first site that needs task ids, through a route
 (`tf_mtl.layers.routes`: tiling a jointly labelled batch, or the data's own
 task ids), so the convolution and normalisation before it run once for
-all tasks. A block that routes nothing is a plain Keras layer, `block(x)`. From there on, normalisation uses each task's own batch
+all tasks. From there on, normalisation uses each task's own batch
 statistics (`TaskBatchNormalization`): the routed rows of a task compute
-what that task's own pass would.
+what that task's own pass would. A block that routes nothing is a plain
+Keras layer, `block(x)`.
 
 Every backbone has a *per-task twin*, `lenet(..., num_tasks=T)`: the same
 architecture with one copy of every weight per task (`tf_mtl.layers.PerTask*`),

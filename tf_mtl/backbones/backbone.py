@@ -20,6 +20,7 @@ def run_layers(layers, x, route, training, task_ids=None):
     task of each row once routed (None before)."""
     with route.scope() if route is not None else contextlib.nullcontext():
         for layer in layers:
+            # A block given neither a route nor tasks is a plain layer.
             if isinstance(layer, Block) and (route is not None or task_ids is not None):
                 x, task_ids = layer(x, task_ids, training=training, route=route)
             elif isinstance(layer, TaskAware):

@@ -14,7 +14,8 @@ from tf_mtl.layers.progressive_mask import ProgressiveMask
 from tf_mtl.layers.task_batch_norm import TaskBatchNormalization
 
 __all__ = [
-    "TaskAware", "TaskConditioned", "ProgressiveMask", "ChannelPartition", "TaskBatchNormalization", "EncoderGate",
+    "TaskAware", "TaskConditioned", "ProgressiveMask", "ChannelPartition",
+    "TaskBatchNormalization", "EncoderGate",
     "CrossStitch", "DenseHead",
     "PerTaskDense", "PerTaskConv2D", "PerTaskBatchNormalization",
     "ObjectiveScope", "objective_scope",

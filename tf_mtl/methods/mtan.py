@@ -115,7 +115,7 @@ class AttentionNetwork(Block):
                 continue
             if not layer.built:  # run by stages, not called: build it as a call would
                 layer.build(x.shape)
-            state = layer.run_until(1, x, training)
+            state = layer.run_until(1, x, training)  # what its first site sees
             x, _ = layer.run_from(1, state, None, training, route)
             (u, task_ids), (p, _) = enter(_pooled(state[0], x, layer)), enter(x)
             f, g, h = next(modules)
